@@ -1,0 +1,1 @@
+"""The `samadapt` command line."""

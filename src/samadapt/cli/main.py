@@ -1,0 +1,161 @@
+"""`samadapt` entry point: subcommands dispatch to the encoders, the store and the task packages.
+
+User mistakes (`SamadaptError`) print one line and exit 2; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+
+from samadapt import __version__
+from samadapt.errors import ConfigError, SamadaptError
+
+# Task name -> module exposing add_train_arguments/train, add_sweep_arguments/sweep, add_predict_arguments/predict.
+TASKS: dict[str, str] = {
+    "classify": "samadapt.tasks.classify.cli",
+    "segment": "samadapt.tasks.segment.cli",
+    "fewshot": "samadapt.tasks.fewshot.cli",
+}
+
+
+def _task_module(task: str) -> ModuleType:
+    if task not in TASKS:
+        raise ConfigError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    return importlib.import_module(TASKS[task])
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    parser.add_argument("-v", "--verbose", action="store_true", help="more log output")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="samadapt",
+        description="Adapt SAM / MedSAM / SAM 2 encoders to medical image classification and segmentation.",
+    )
+    parser.add_argument("--version", action="version", version=f"samadapt {__version__}")
+    _common(parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    info = sub.add_parser("info", help="versions, threads, bf16 support, encoders and their preprocessing")
+    info.add_argument("--json", action="store_true", help="print JSON instead of text")
+    _common(info)
+
+    embed = sub.add_parser("embed", help="embed a dataset with a frozen encoder into the embedding store")
+    from samadapt.cli import embed as embed_cli
+
+    embed_cli.add_arguments(embed)
+    _common(embed)
+
+    for command, helptext in (
+        ("train", "train a task model (--task classify|segment|fewshot)"),
+        ("sweep", "run a label-efficiency sweep from a YAML config (its `task` key picks the task)"),
+        ("predict", "predict with a trained run (--run RUN) on new images or volumes"),
+    ):
+        p = sub.add_parser(command, help=helptext, add_help=False)
+        p.add_argument("-h", "--help", action="store_true")
+        _common(p)
+
+    demo = sub.add_parser("demo", help="run the demo on generated data (no downloads)")
+    demo.add_argument("--out", type=Path, default=Path("demo_output"), help="output folder")
+    demo.add_argument("--quick", action="store_true", help="smaller, faster demo (for tests)")
+    demo.add_argument("--encoder", default="sam_vit_b", help="encoder name (default sam_vit_b)")
+    demo.add_argument("--checkpoint", type=Path, default=None, help="real checkpoint; default: tiny random weights")
+    _common(demo)
+    return parser
+
+
+def _dispatch_task_command(command: str, rest: list[str], debug: bool) -> int:
+    """train/sweep/predict: find the task, then let the task's own parser read the remaining flags."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--task", choices=list(TASKS))
+    pre.add_argument("--config", type=Path)
+    pre.add_argument("--run", type=Path)
+    known, _ = pre.parse_known_args(rest)
+    task = known.task
+    if task is None and known.config is not None:
+        task = _config_value(known.config, "task")
+    if task is None and known.run is not None:
+        task = _config_value(known.run / "config.yaml", "task")
+    wants_help = "-h" in rest or "--help" in rest
+    if task is None:
+        if wants_help:
+            print(f"usage: samadapt {command} --task {{{','.join(TASKS)}}} ... --help for the task's flags")
+            return 0
+        where = {"train": "--task", "sweep": "--config CFG (with a `task:` key)", "predict": "--run RUN"}[command]
+        raise ConfigError(f"samadapt {command}: say which task with {where}")
+    module = _task_module(task)
+    parser = argparse.ArgumentParser(prog=f"samadapt {command} --task {task}")
+    parser.add_argument("--task", choices=list(TASKS), default=task)
+    parser.add_argument("--debug", action="store_true", default=debug, help="show full tracebacks")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    getattr(module, f"add_{command}_arguments")(parser)
+    args = parser.parse_args(rest)
+    return int(getattr(module, command)(args) or 0)
+
+
+def _config_value(path: Path, key: str) -> str | None:
+    import yaml
+
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values")
+    value = data.get(key)
+    return str(value) if value is not None else None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    logging.basicConfig(
+        level=logging.DEBUG if ("-v" in argv or "--verbose" in argv) else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        parser = _build_parser()
+        command = next((a for a in argv if not a.startswith("-")), None)
+        if command in ("train", "sweep", "predict"):
+            rest = argv[argv.index(command) + 1 :]
+            return _dispatch_task_command(command, rest, debug)
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 0
+        if args.command == "info":
+            from samadapt.cli.info import run as run_info
+
+            return run_info(args)
+        if args.command == "embed":
+            from samadapt.cli import embed as embed_cli
+
+            return int(embed_cli.run(args) or 0)
+        if args.command == "demo":
+            from samadapt.cli.demo import run as run_demo
+
+            return run_demo(args)
+        parser.error(f"unknown command {args.command}")
+    except SamadaptError as exc:
+        if debug:
+            raise
+        print(f"samadapt: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("samadapt: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,111 @@
+"""The encoder table: every architecture number and preprocessing convention lives here, nowhere else.
+
+Modules (`sam_vit.py`, `sam2_hiera.py`) carry no numbers; builders receive them from `ENCODERS`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """One encoder: its architecture family and numbers, and the preprocessing its checkpoint was trained with."""
+
+    name: str
+    family: str  # "sam" (SAM-1 ViT) or "sam2" (Hiera + FPN)
+    arch: dict[str, Any]
+    preprocessing: str  # key of samadapt.encoders.preprocessing.PREPROCESSORS
+    default_image_size: int = 1024
+    official_files: tuple[str, ...] = ()
+    description: str = ""
+    aliases: tuple[str, ...] = field(default=())
+
+
+_SAM_VIT_COMMON = {"patch_size": 16, "window_size": 14, "out_chans": 256, "mlp_ratio": 4.0}
+
+SAM_VIT_B = {"embed_dim": 768, "depth": 12, "num_heads": 12, "global_attn_indexes": (2, 5, 8, 11), **_SAM_VIT_COMMON}
+SAM_VIT_L = {"embed_dim": 1024, "depth": 24, "num_heads": 16, "global_attn_indexes": (5, 11, 17, 23), **_SAM_VIT_COMMON}
+SAM_VIT_H = {"embed_dim": 1280, "depth": 32, "num_heads": 16, "global_attn_indexes": (7, 15, 23, 31), **_SAM_VIT_COMMON}
+
+# SAM 2 / 2.1 Hiera trunks (numbers from the official sam2 configs); FPN neck to 256 channels.
+_SAM2_NECK = {"d_model": 256, "fpn_top_down_levels": (2, 3), "fpn_interp_model": "nearest", "scalp": 1}
+SAM2_HIERA_T = {
+    "embed_dim": 96, "num_heads": 1, "stages": (1, 2, 7, 2), "global_att_blocks": (5, 7, 9),
+    "window_pos_embed_bkg_spatial_size": (7, 7), "window_spec": (8, 4, 14, 7),
+    "backbone_channel_list": (768, 384, 192, 96), **_SAM2_NECK,
+}  # fmt: skip
+SAM2_HIERA_S = {
+    "embed_dim": 96, "num_heads": 1, "stages": (1, 2, 11, 2), "global_att_blocks": (7, 10, 13),
+    "window_pos_embed_bkg_spatial_size": (7, 7), "window_spec": (8, 4, 14, 7),
+    "backbone_channel_list": (768, 384, 192, 96), **_SAM2_NECK,
+}  # fmt: skip
+SAM2_HIERA_BP = {
+    "embed_dim": 112, "num_heads": 2, "stages": (2, 3, 16, 3), "global_att_blocks": (12, 16, 20),
+    "window_pos_embed_bkg_spatial_size": (14, 14), "window_spec": (8, 4, 14, 7),
+    "backbone_channel_list": (896, 448, 224, 112), **_SAM2_NECK,
+}  # fmt: skip
+SAM2_HIERA_L = {
+    "embed_dim": 144, "num_heads": 2, "stages": (2, 6, 36, 4), "global_att_blocks": (23, 33, 43),
+    "window_pos_embed_bkg_spatial_size": (7, 7), "window_spec": (8, 4, 16, 8),
+    "backbone_channel_list": (1152, 576, 288, 144), **_SAM2_NECK,
+}  # fmt: skip
+
+ENCODERS: dict[str, EncoderSpec] = {
+    "sam_vit_b": EncoderSpec(
+        "sam_vit_b", "sam", SAM_VIT_B, "sam", official_files=("sam_vit_b_01ec64.pth",),
+        description="SAM ViT-B (91M encoder params)",
+    ),
+    "sam_vit_l": EncoderSpec(
+        "sam_vit_l", "sam", SAM_VIT_L, "sam", official_files=("sam_vit_l_0b3195.pth",),
+        description="SAM ViT-L (308M encoder params)",
+    ),
+    "sam_vit_h": EncoderSpec(
+        "sam_vit_h", "sam", SAM_VIT_H, "sam", official_files=("sam_vit_h_4b8939.pth",),
+        description="SAM ViT-H (637M encoder params)",
+    ),
+    "medsam_vit_b": EncoderSpec(
+        "medsam_vit_b", "sam", SAM_VIT_B, "medsam", official_files=("medsam_vit_b.pth",),
+        description="MedSAM (SAM ViT-B fine-tuned on 1.5M medical image-mask pairs)",
+    ),
+    "sam2_hiera_t": EncoderSpec(
+        "sam2_hiera_t", "sam2", SAM2_HIERA_T, "sam2",
+        official_files=("sam2_hiera_tiny.pt", "sam2.1_hiera_tiny.pt"), description="SAM 2 / 2.1 Hiera-T",
+    ),
+    "sam2_hiera_s": EncoderSpec(
+        "sam2_hiera_s", "sam2", SAM2_HIERA_S, "sam2",
+        official_files=("sam2_hiera_small.pt", "sam2.1_hiera_small.pt"), description="SAM 2 / 2.1 Hiera-S",
+    ),
+    "sam2_hiera_b+": EncoderSpec(
+        "sam2_hiera_b+", "sam2", SAM2_HIERA_BP, "sam2",
+        official_files=("sam2_hiera_base_plus.pt", "sam2.1_hiera_base_plus.pt"),
+        description="SAM 2 / 2.1 Hiera-B+", aliases=("sam2_hiera_bp", "sam2_hiera_base_plus"),
+    ),
+    "sam2_hiera_l": EncoderSpec(
+        "sam2_hiera_l", "sam2", SAM2_HIERA_L, "sam2",
+        official_files=("sam2_hiera_large.pt", "sam2.1_hiera_large.pt"), description="SAM 2 / 2.1 Hiera-L",
+    ),
+}  # fmt: skip
+
+# Tiny configurations with the same builders, for tests and the CPU demo (random weights only).
+TINY_ARCHS: dict[str, dict[str, Any]] = {
+    "sam": {"embed_dim": 64, "depth": 4, "num_heads": 2, "global_attn_indexes": (1, 3), **_SAM_VIT_COMMON},
+    "sam2": {
+        "embed_dim": 16, "num_heads": 1, "stages": (1, 1, 2, 1), "global_att_blocks": (3,),
+        "window_pos_embed_bkg_spatial_size": (7, 7), "window_spec": (8, 4, 14, 7),
+        "backbone_channel_list": (128, 64, 32, 16), **_SAM2_NECK,
+    },
+}  # fmt: skip
+
+
+def get_spec(name: str) -> EncoderSpec:
+    """Look an encoder up by name or alias, with a helpful error listing the known names."""
+    if name in ENCODERS:
+        return ENCODERS[name]
+    for spec in ENCODERS.values():
+        if name in spec.aliases:
+            return spec
+    from samadapt.errors import ConfigError
+
+    raise ConfigError(f"unknown encoder {name!r}; known encoders: {', '.join(ENCODERS)}")
