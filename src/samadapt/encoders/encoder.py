@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 # Bumped when a change to an encoder implementation could change its output: invalidates cached embeddings.
 IMPLEMENTATION_VERSION = 1
 PRECISIONS = ("fp32", "bf16")
+# SAM's ViT needs whole 16-px patches; Hiera tiles an 8x8 window embedding over the S/4 grid, so S % 32 == 0.
+SIZE_MULTIPLE = {"sam": 16, "sam2": 32, "mobilesam": 16}
 RANDOM_WEIGHTS_SEED = 0
 
 
@@ -176,6 +178,10 @@ def _build_module(spec: EncoderSpec, arch: dict[str, Any], image_size: int) -> n
         from samadapt.encoders.sam2_hiera import Sam2HieraEncoder
 
         return Sam2HieraEncoder(**arch, img_size=image_size)
+    if spec.family == "mobilesam":
+        from samadapt.encoders.mobilesam import MobileSamEncoder
+
+        return MobileSamEncoder(**arch, img_size=image_size)
     raise ConfigError(f"encoder family {spec.family!r} is not supported")
 
 
@@ -191,6 +197,11 @@ def _encoder_state(spec: EncoderSpec, state: dict[str, torch.Tensor], path: Path
 
         if "image_encoder.trunk.patch_embed.proj.weight" in state:
             return select_sam2_encoder_state(state)
+    elif spec.family == "mobilesam":
+        from samadapt.encoders.mobilesam import select_mobilesam_encoder_state
+
+        if "image_encoder.patch_embed.seq.0.c.weight" in state:
+            return select_mobilesam_encoder_state(state, source=str(path))
     raise CheckpointError(f"checkpoint {path}: holds {describe_contents(state)}; you asked for {spec.name}")
 
 
@@ -252,8 +263,9 @@ def load_encoder(
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     size = int(image_size or spec.default_image_size)
-    if size % 16 != 0 or size < 32:
-        raise ConfigError(f"image_size must be a multiple of 16 and at least 32, got {size}")
+    multiple = SIZE_MULTIPLE[spec.family]
+    if size % multiple != 0 or size < 64:
+        raise ConfigError(f"{name}: image_size must be a multiple of {multiple} and at least 64, got {size}")
     arch_numbers = dict(spec.arch)
     arch_name = "default"
     if arch == "tiny":

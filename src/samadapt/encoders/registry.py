@@ -14,7 +14,7 @@ class EncoderSpec:
     """One encoder: its architecture family and numbers, and the preprocessing its checkpoint was trained with."""
 
     name: str
-    family: str  # "sam" (SAM-1 ViT) or "sam2" (Hiera + FPN)
+    family: str  # "sam" (SAM-1 ViT), "sam2" (Hiera + FPN) or "mobilesam" (TinyViT + SAM neck)
     arch: dict[str, Any]
     preprocessing: str  # key of samadapt.encoders.preprocessing.PREPROCESSORS
     default_image_size: int = 1024
@@ -25,9 +25,27 @@ class EncoderSpec:
 
 _SAM_VIT_COMMON = {"patch_size": 16, "window_size": 14, "out_chans": 256, "mlp_ratio": 4.0}
 
-SAM_VIT_B = {"embed_dim": 768, "depth": 12, "num_heads": 12, "global_attn_indexes": (2, 5, 8, 11), **_SAM_VIT_COMMON}
-SAM_VIT_L = {"embed_dim": 1024, "depth": 24, "num_heads": 16, "global_attn_indexes": (5, 11, 17, 23), **_SAM_VIT_COMMON}
-SAM_VIT_H = {"embed_dim": 1280, "depth": 32, "num_heads": 16, "global_attn_indexes": (7, 15, 23, 31), **_SAM_VIT_COMMON}
+SAM_VIT_B = {
+    "embed_dim": 768,
+    "depth": 12,
+    "num_heads": 12,
+    "global_attn_indexes": (2, 5, 8, 11),
+    **_SAM_VIT_COMMON,
+}
+SAM_VIT_L = {
+    "embed_dim": 1024,
+    "depth": 24,
+    "num_heads": 16,
+    "global_attn_indexes": (5, 11, 17, 23),
+    **_SAM_VIT_COMMON,
+}
+SAM_VIT_H = {
+    "embed_dim": 1280,
+    "depth": 32,
+    "num_heads": 16,
+    "global_attn_indexes": (7, 15, 23, 31),
+    **_SAM_VIT_COMMON,
+}
 
 # SAM 2 / 2.1 Hiera trunks (numbers from the official sam2 configs); FPN neck to 256 channels.
 _SAM2_NECK = {"d_model": 256, "fpn_top_down_levels": (2, 3), "fpn_interp_model": "nearest", "scalp": 1}
@@ -50,6 +68,13 @@ SAM2_HIERA_L = {
     "embed_dim": 144, "num_heads": 2, "stages": (2, 6, 36, 4), "global_att_blocks": (23, 33, 43),
     "window_pos_embed_bkg_spatial_size": (7, 7), "window_spec": (8, 4, 16, 8),
     "backbone_channel_list": (1152, 576, 288, 144), **_SAM2_NECK,
+}  # fmt: skip
+
+# MobileSAM vit_t (official build_sam_vit_t numbers): timm TinyViT-5M with a stride-1 last merging and SAM's neck.
+MOBILESAM_VIT_T = {
+    "embed_dims": (64, 128, 160, 320), "depths": (2, 2, 6, 2), "num_heads": (2, 4, 5, 10),
+    "window_sizes": (7, 7, 14, 7), "mlp_ratio": 4.0, "mbconv_expand_ratio": 4.0, "local_conv_size": 3,
+    "out_chans": 256,
 }  # fmt: skip
 
 ENCODERS: dict[str, EncoderSpec] = {
@@ -86,6 +111,10 @@ ENCODERS: dict[str, EncoderSpec] = {
         "sam2_hiera_l", "sam2", SAM2_HIERA_L, "sam2",
         official_files=("sam2_hiera_large.pt", "sam2.1_hiera_large.pt"), description="SAM 2 / 2.1 Hiera-L",
     ),
+    "mobilesam_vit_t": EncoderSpec(
+        "mobilesam_vit_t", "mobilesam", MOBILESAM_VIT_T, "sam", official_files=("mobile_sam.pt",),
+        description="MobileSAM TinyViT-5M distilled from SAM ViT-H (5M encoder params)",
+    ),
 }  # fmt: skip
 
 # Tiny configurations with the same builders, for tests and the CPU demo (random weights only).
@@ -96,6 +125,8 @@ TINY_ARCHS: dict[str, dict[str, Any]] = {
         "window_pos_embed_bkg_spatial_size": (7, 7), "window_spec": (8, 4, 14, 7),
         "backbone_channel_list": (128, 64, 32, 16), **_SAM2_NECK,
     },
+    # MobileSAM's stride-1 rule is keyed on a last width of 320, so the tiny trunk keeps it.
+    "mobilesam": {**MOBILESAM_VIT_T, "embed_dims": (16, 32, 32, 320), "depths": (1, 1, 1, 1), "num_heads": (1, 1, 1, 5)},
 }  # fmt: skip
 
 
