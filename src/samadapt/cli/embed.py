@@ -1,0 +1,123 @@
+"""`samadapt embed`: embed a dataset with a frozen encoder into the embedding store (resumable, torchrun-able).
+
+samadapt embed --encoder sam_vit_b --checkpoint sam_vit_b_01ec64.pth --data data/breastmnist.npz --cache cache/
+torchrun --nproc_per_node 4 -m samadapt embed ... --device cuda      # one GPU per process, see docs/distributed.md
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+# Imports of torch and the store happen in run(): `samadapt --help` must stay fast.
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--encoder", required=True, help="encoder name, e.g. sam_vit_b, medsam_vit_b, sam2_hiera_t"
+    )
+    parser.add_argument(
+        "--checkpoint", type=Path, default=None, help="official checkpoint file (default: random weights)"
+    )
+    parser.add_argument(
+        "--data", required=True, help="dataset: image folder, ImageFolder, MedMNIST .npz, CSV, ISIC"
+    )
+    parser.add_argument(
+        "--cache", type=Path, required=True, help="embedding store directory (created if missing)"
+    )
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="encoder precision")
+    parser.add_argument(
+        "--image-size", type=int, default=None, help="square encoder input size (default 1024)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=1, help="images per encoder call and per written shard"
+    )
+    parser.add_argument("--layers", default=None, help="also store these intermediate layers, e.g. 3,6")
+    parser.add_argument(
+        "--device", default="cpu", help="cpu, cuda or auto (under torchrun: one GPU per process)"
+    )
+    parser.add_argument(
+        "--arch", choices=("default", "tiny"), default="default", help="tiny: random-weight test model"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def parse_layers(text: str | None) -> list[int | str] | None:
+    """'3,6' -> [3, 6] (SAM block indices); names such as SAM 2 levels stay strings."""
+    from samadapt.errors import ConfigError
+
+    if text is None or not text.strip():
+        return None
+    items = [item.strip() for item in text.split(",")]
+    if any(not item for item in items):
+        raise ConfigError(f"--layers {text!r}: expected a comma-separated list such as 3,6")
+    return [int(item) if item.lstrip("-").isdigit() else item for item in items]
+
+
+def run(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from samadapt.data.readers import read_dataset
+    from samadapt.encoders import load_encoder
+    from samadapt.errors import ConfigError
+    from samadapt.store import embed_dataset, open_store
+    from samadapt.store.distributed import init_from_env, rank_and_world, shutdown
+
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
+    device = "cpu" if device == "auto" else device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is visible to this process")
+    layers = parse_layers(args.layers)
+    started = time.perf_counter()
+    device = init_from_env(device)
+    try:
+        rank, world = rank_and_world()
+        dataset = read_dataset(args.data)  # before the (slow) encoder build: bad data fails fast
+        encoder = load_encoder(
+            args.encoder,
+            checkpoint=args.checkpoint,
+            precision=args.precision,
+            image_size=args.image_size,
+            device=device,
+            arch=None if args.arch == "default" else args.arch,
+        )
+        table = embed_dataset(
+            dataset,
+            encoder,
+            args.cache,
+            layers=layers,
+            batch_size=args.batch_size,
+            progress=not args.no_progress,
+        )
+        if rank == 0:
+            with open_store(args.cache) as store:
+                entries = len(store)
+            shapes = ", ".join(f"{name} {tuple(table[name].shape[1:])}" for name in table.outputs)
+            per_image = (
+                f"{table.seconds / table.computed:.3f} s per computed image"
+                if table.computed
+                else "nothing to compute"
+            )
+            print(
+                f"samadapt embed: {len(table)} images with {encoder.name} ({args.precision}, {encoder.image_size}px, "
+                f"{world} process{'es' if world > 1 else ''} on {device}): computed {table.computed}, "
+                f"reused {table.reused}; {per_image}; total {time.perf_counter() - started:.1f} s"
+            )
+            print(
+                f"samadapt embed: store {Path(args.cache).resolve()} ({entries} entries); outputs: {shapes}"
+            )
+    finally:
+        shutdown()
+    return 0
+
+
+if __name__ == "__main__":  # python -m samadapt.cli.embed ... (same as `samadapt embed ...`)
+    import sys
+
+    from samadapt.cli.main import main
+
+    sys.exit(main(["embed", *sys.argv[1:]]))

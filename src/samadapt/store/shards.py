@@ -1,0 +1,142 @@
+"""Shard files: one float32 `.npy` array [B, ...] per written batch and output, published atomically.
+
+Why `.npy` float32: any reader (numpy, torch, other languages) can memory-map it with no library and no
+conversion; rows of a batch are contiguous, so a row read touches only its own pages. bf16 encoders still
+produce float32 outputs (exactly representable), so nothing is lost; the price is 2x disk against bf16.
+A shard is written to a temporary name, fsynced and renamed; the manifest row that points at it is
+written only afterwards, so a crash leaves at worst an unreferenced file, never a reference to half a file.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import uuid
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from samadapt.utils.atomic import atomic_path
+
+SHARD_DIR = "shards"
+JOURNAL_DIR = "journal"
+
+
+def new_writer_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def write_shard(root: Path, relpath: str, array: np.ndarray) -> None:
+    """Write `array` as float32 `.npy` at `root/relpath`, atomically."""
+    target = root / relpath
+    with atomic_path(target) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
+
+
+class ShardCache:
+    """Open read-only memory maps of shard files, the most recently used `capacity` of them.
+
+    Bounded because each memory map holds a file descriptor and a store can have many thousands of shards.
+    """
+
+    def __init__(self, root: Path, capacity: int = 128) -> None:
+        self.root = Path(root)
+        self.capacity = capacity
+        self._maps: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def get(self, relpath: str) -> np.ndarray:
+        array = self._maps.get(relpath)
+        if array is None:
+            array = np.load(self.root / relpath, mmap_mode="r", allow_pickle=False)
+            self._maps[relpath] = array
+            if len(self._maps) > self.capacity:
+                self._maps.popitem(last=False)
+        else:
+            self._maps.move_to_end(relpath)
+        return array
+
+    def clear(self) -> None:
+        self._maps.clear()
+
+    # Memory maps do not pickle; a copy sent to a DataLoader worker reopens what it needs.
+    def __getstate__(self) -> dict[str, Any]:
+        return {"root": self.root, "capacity": self.capacity}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.root = state["root"]
+        self.capacity = state["capacity"]
+        self._maps = OrderedDict()
+
+
+class Journal:
+    """Append-only record of the shards one distributed rank wrote, for rank 0 to add to the manifest.
+
+    Ranks never write the SQLite manifest themselves: SQLite's WAL mode is unsafe on network filesystems
+    shared by several machines, and one writer per run keeps the manifest on a single host. Each line is one
+    complete JSON record written with one `write` and fsynced, so a killed rank leaves only whole lines (plus
+    at most one torn last line, which readers skip). The writer holds an exclusive `flock` while it is alive,
+    so rank 0 (or a later run) can tell a finished or dead writer's journal from a live one.
+    """
+
+    def __init__(self, root: Path, name: str) -> None:
+        self.path = Path(root) / JOURNAL_DIR / f"{name}.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def append(self, records: list[dict[str, Any]]) -> None:
+        data = "".join(json.dumps(record, separators=(",", ":")) + "\n" for record in records).encode()
+        os.write(self._fd, data)
+        os.fsync(self._fd)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = -1
+
+
+def read_journal(path: Path) -> tuple[list[dict[str, Any]], bool]:
+    """Return (complete records, whether the writer is gone). A torn last line is ignored."""
+    # O_RDWR: on NFS flock is emulated with POSIX locks, and an exclusive one needs a writable descriptor.
+    fd = os.open(path, os.O_RDWR)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            finished = True
+        except OSError:  # held by a live writer (or locks unsupported: then keep the file to be safe)
+            finished = False
+        data = path.read_bytes()
+    finally:
+        os.close(fd)  # also releases the lock
+    records = []
+    for line in data.split(b"\n"):
+        if not line:
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # torn last line of a killed writer
+            continue
+    return records, finished
+
+
+class ShardWriter:
+    """Names and writes the shard files of one writer process: `shards/<config>/<writer>-<seq>-<output>.npy`.
+
+    Names are unique per writer, so concurrent writers (processes, ranks, machines) never touch one file.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.writer_id = new_writer_id()
+        self._seq = 0
+
+    def write(self, config: str, output: str, array: np.ndarray) -> str:
+        safe_output = "".join(c if c.isalnum() or c in "._-" else "_" for c in output)
+        relpath = f"{SHARD_DIR}/{config[:16]}/{self.writer_id}-{self._seq:06d}-{safe_output}.npy"
+        self._seq += 1
+        write_shard(self.root, relpath, array)
+        return relpath
