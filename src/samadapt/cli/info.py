@@ -46,7 +46,9 @@ def collect() -> dict:
         "bf16": cpu_bf16_support(),
         "cuda": {
             "available": cuda,
-            "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
+            "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+            if cuda
+            else [],
             "bf16": bool(cuda and torch.cuda.is_bf16_supported()),
         },
         "encoders": {
@@ -71,9 +73,13 @@ def run(args: argparse.Namespace) -> int:
     bf16 = data["bf16"]
     print(f"samadapt {data['samadapt']}  (python {data['python']}, torch {data['torch']})")
     print(f"platform     {data['platform']}")
-    print(f"cpu          {data['cpu_count']} cores, torch threads {data['torch_threads']}, {bf16['cpu_capability']}")
+    print(
+        f"cpu          {data['cpu_count']} cores, torch threads {data['torch_threads']}, {bf16['cpu_capability']}"
+    )
     native = bf16["avx512_bf16"] or bf16["amx_bf16"]
-    print(f"bf16 on cpu  {'native (avx512_bf16/amx)' if native else 'emulated (slow): prefer --precision fp32'}")
+    print(
+        f"bf16 on cpu  {'native (avx512_bf16/amx)' if native else 'emulated (slow): prefer --precision fp32'}"
+    )
     cuda = data["cuda"]
     print(f"cuda         {', '.join(cuda['devices']) if cuda['available'] else 'not available'}")
     print("encoders:")

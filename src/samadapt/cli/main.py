@@ -67,14 +67,16 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("demo_output"), help="output folder")
     demo.add_argument("--quick", action="store_true", help="smaller, faster demo (for tests)")
     demo.add_argument("--encoder", default="sam_vit_b", help="encoder name (default sam_vit_b)")
-    demo.add_argument("--checkpoint", type=Path, default=None, help="real checkpoint; default: tiny random weights")
+    demo.add_argument(
+        "--checkpoint", type=Path, default=None, help="real checkpoint; default: tiny random weights"
+    )
     _common(demo)
     return parser
 
 
 def _dispatch_task_command(command: str, rest: list[str], debug: bool) -> int:
     """train/sweep/predict: find the task, then let the task's own parser read the remaining flags."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(prog=f"samadapt {command}", add_help=False)
     pre.add_argument("--task", choices=list(TASKS))
     pre.add_argument("--config", type=Path)
     pre.add_argument("--run", type=Path)
@@ -89,7 +91,9 @@ def _dispatch_task_command(command: str, rest: list[str], debug: bool) -> int:
         if wants_help:
             print(f"usage: samadapt {command} --task {{{','.join(TASKS)}}} ... --help for the task's flags")
             return 0
-        where = {"train": "--task", "sweep": "--config CFG (with a `task:` key)", "predict": "--run RUN"}[command]
+        where = {"train": "--task", "sweep": "--config CFG (with a `task:` key)", "predict": "--run RUN"}[
+            command
+        ]
         raise ConfigError(f"samadapt {command}: say which task with {where}")
     module = _task_module(task)
     parser = argparse.ArgumentParser(prog=f"samadapt {command} --task {task}")
@@ -154,6 +158,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("samadapt: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `samadapt info | head`: the reader left, not an error
+        sys.stdout = None  # type: ignore[assignment]
+        return 0
     return 0
 
 
