@@ -1,0 +1,1 @@
+"""Prompt-free segmentation on a frozen SAM-family encoder (AutoSAM, CNN, linear heads) and a U-Net baseline."""

@@ -1,0 +1,48 @@
+"""The segmentation heads by name: three on the frozen encoder's embedding, and the U-Net baseline on pixels."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from samadapt.errors import ConfigError
+from samadapt.tasks.segment.autosam import AutoSamHead
+from samadapt.tasks.segment.conv_heads import CnnHead, LinearHead
+
+UNET_CHANNELS = (32, 64, 128, 256, 512)
+
+
+def _unet(*, num_classes: int, unet_channels: tuple[int, ...] = UNET_CHANNELS) -> nn.Module:
+    from monai.networks.nets import UNet
+
+    return UNet(
+        spatial_dims=2,
+        in_channels=1,
+        out_channels=num_classes,
+        channels=tuple(unet_channels),
+        strides=(2,) * (len(unet_channels) - 1),
+        num_res_units=2,
+    )
+
+
+HEADS: dict[str, Callable[..., nn.Module]] = {
+    "autosam": lambda *, num_classes, **_: AutoSamHead(num_classes=num_classes),
+    "cnn": lambda *, num_classes, **_: CnnHead(num_classes=num_classes),
+    "linear": lambda *, num_classes, **_: LinearHead(num_classes=num_classes),
+    "unet": lambda *, num_classes, unet_channels=UNET_CHANNELS, **_: _unet(
+        num_classes=num_classes, unet_channels=unet_channels
+    ),
+}
+EMBEDDING_HEADS = ("autosam", "cnn", "linear")  # trained on the encoder's embedding; "unet" sees pixels
+CHECKPOINT_INIT = ("autosam", "linear")  # start from the checkpoint's mask decoder tensors
+
+
+def build_head(name: str, *, num_classes: int, unet_channels: tuple[int, ...] = UNET_CHANNELS) -> nn.Module:
+    if name not in HEADS:
+        raise ConfigError(f"unknown head {name!r}; choose one of {', '.join(HEADS)}")
+    return HEADS[name](num_classes=num_classes, unet_channels=unet_channels)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
