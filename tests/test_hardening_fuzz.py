@@ -1,0 +1,311 @@
+"""Bounded hypothesis fuzzing: decoders, preprocessing, CSV manifests and YAML configs raise only our errors.
+
+Each property either returns a well-formed result or raises a `SamadaptError` subclass (never a raw
+ValueError/OSError/TypeError that would reach the user as a traceback). Budgets are small so CI stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from corpus import png_bytes, sample_rgb
+from samadapt.data.images import read_image
+from samadapt.data.readers import read_dataset
+from samadapt.encoders.preprocessing import PREPROCESSORS
+from samadapt.errors import ConfigError, DataError, SamadaptError
+
+FUZZ = settings(
+    max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
+VALID_PNG = png_bytes(sample_rgb(12))
+_scratch = Path(tempfile.mkdtemp(prefix="samadapt-fuzz-"))  # hypothesis re-runs a test body; one folder
+
+
+def _file(name: str, data: bytes) -> Path:
+    path = _scratch / name
+    path.write_bytes(data)
+    return path
+
+
+def _check_image(image: np.ndarray) -> None:
+    assert image.dtype == np.uint8 and image.ndim in (2, 3) and min(image.shape[:2]) >= 2
+    assert image.ndim == 2 or image.shape[2] == 3
+
+
+# ---- image decoding ------------------------------------------------------------------------------------------
+
+
+@FUZZ
+@given(data=st.binary(max_size=512), suffix=st.sampled_from([".png", ".jpg", ".tif", ".bmp", ".dcm"]))
+def test_random_bytes_with_an_image_suffix_raise_only_data_error(data: bytes, suffix: str) -> None:
+    try:
+        _check_image(read_image(_file("random" + suffix, data)))
+    except DataError:
+        pass
+
+
+def _refresh_crcs(png: bytes) -> bytes:
+    """Recompute every chunk CRC, so mutations reach the decoder instead of stopping at the checksum."""
+    out, pos = bytearray(png[:8]), 8
+    while pos + 8 <= len(png):
+        length = int.from_bytes(png[pos : pos + 4], "big")
+        body = png[pos + 4 : pos + 8 + length]
+        out += png[pos : pos + 4] + body + zlib.crc32(body).to_bytes(4, "big")
+        pos += 12 + length
+    return bytes(out + png[pos:])
+
+
+@FUZZ
+@given(
+    edits=st.lists(st.tuples(st.integers(0, 40), st.integers(0, 255)), min_size=1, max_size=4),
+    fix_crc=st.booleans(),
+)
+def test_mutated_png_headers_raise_only_data_error(edits: list[tuple[int, int]], fix_crc: bool) -> None:
+    data = bytearray(VALID_PNG)
+    for offset, value in edits:  # signature and IHDR (width, height, bit depth, colour type, ...)
+        data[offset] = value
+    mutated = _refresh_crcs(bytes(data)) if fix_crc else bytes(data)
+    try:
+        _check_image(read_image(_file("mutated.png", mutated)))
+    except DataError:
+        pass
+
+
+@FUZZ
+@given(cut=st.integers(1, len(VALID_PNG) - 1))
+def test_every_truncation_of_a_png_raises_data_error(cut: int) -> None:
+    with pytest.raises(DataError, match="mutated|cut"):
+        read_image(_file("cut.png", VALID_PNG[:cut]))
+
+
+# ---- preprocessing ---------------------------------------------------------------------------------------------
+
+_valid_images = hnp.arrays(
+    dtype=np.uint8,
+    shape=st.one_of(
+        hnp.array_shapes(min_dims=2, max_dims=2, min_side=2, max_side=48),
+        st.tuples(st.integers(2, 48), st.integers(2, 48), st.sampled_from([1, 3])),
+    ),
+    elements=st.integers(0, 255),
+)
+_invalid_images = st.one_of(
+    hnp.arrays(  # numeric dtypes other than uint8
+        dtype=st.sampled_from([np.uint16, np.int8, np.int32, np.float32, np.float64, np.bool_]),
+        shape=st.tuples(st.integers(2, 16), st.integers(2, 16)),
+    ),
+    hnp.arrays(  # wrong ranks or channel counts
+        dtype=np.uint8,
+        shape=st.one_of(
+            hnp.array_shapes(min_dims=1, max_dims=1, max_side=16),
+            st.tuples(st.integers(2, 8), st.integers(2, 8), st.sampled_from([2, 4, 5])),
+            hnp.array_shapes(min_dims=4, max_dims=4, max_side=4),
+        ),
+    ),
+    st.lists(st.integers(0, 255), max_size=4),  # not an array at all
+)
+
+
+@FUZZ
+@given(image=_valid_images, name=st.sampled_from(sorted(PREPROCESSORS)), size=st.sampled_from([32, 64]))
+def test_preprocessing_valid_images_give_finite_square_tensors(
+    image: np.ndarray, name: str, size: int
+) -> None:
+    x, meta = PREPROCESSORS[name](image, size)
+    assert x.shape == (3, size, size) and x.dtype == torch.float32 and bool(torch.isfinite(x).all())
+    assert meta.original_size == image.shape[:2] and meta.input_size == size
+    assert 1 <= min(meta.resized_size) and max(meta.resized_size) <= size
+
+
+@FUZZ
+@given(image=_invalid_images, name=st.sampled_from(sorted(PREPROCESSORS)))
+def test_preprocessing_invalid_images_raise_data_error(image: object, name: str) -> None:
+    with pytest.raises(DataError):
+        PREPROCESSORS[name](image, 32)  # type: ignore[arg-type]
+
+
+_EMPTY_REASON = (
+    "as_rgb_uint8 accepts zero-size arrays; PIL/skimage/torchvision then raise ValueError or RuntimeError. "
+    "Fix: refuse image.size == 0 (and sides < 1 after resizing) with DataError in as_rgb_uint8."
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "shape"),
+    [
+        pytest.param(
+            name, shape, marks=pytest.mark.xfail(strict=True, reason=_EMPTY_REASON), id=f"{name}-{shape}"
+        )
+        for name in sorted(PREPROCESSORS)
+        for shape in ((0, 5), (5, 0, 3))
+    ]
+    + [
+        pytest.param(
+            "sam",
+            (2, 1000),
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="preprocess_sam: aspect above about 2*size resizes to a 0-pixel side; PIL raises ValueError "
+                "(read_image refuses such files, Encoder.embed takes arrays). Fix: DataError when a side rounds to 0.",
+            ),
+            id="sam-thin",
+        ),
+        pytest.param("medsam", (2, 1000), id="medsam-thin"),
+        pytest.param("sam2", (2, 1000), id="sam2-thin"),
+    ],
+)
+def test_preprocessing_degenerate_arrays_are_processed_or_data_error(
+    name: str, shape: tuple[int, ...]
+) -> None:
+    try:
+        x, _ = PREPROCESSORS[name](np.zeros(shape, np.uint8), 64)
+    except DataError:
+        return
+    assert x.shape == (3, 64, 64) and bool(torch.isfinite(x).all())
+
+
+# ---- CSV manifests ---------------------------------------------------------------------------------------------
+
+_cells = st.one_of(
+    st.sampled_from(["a.png", "b.png", "missing.png", "", "../a.png", "/abs/x.png", " a.png "]),
+    st.sampled_from(["0", "1", "-1", "benign", "x" * 3, "", "1.5"]),
+    st.sampled_from(["train", "val", "test", "TRAIN", "validation", "holdout", ""]),
+    st.text(alphabet=st.characters(blacklist_categories=["Cs"]), max_size=6),
+)
+_headers = st.lists(st.sampled_from(["path", "label", "split", "PATH", " label ", "extra", ""]), max_size=4)
+
+
+@FUZZ
+@given(header=_headers, rows=st.lists(st.lists(_cells, max_size=4), max_size=5), quote=st.booleans())
+def test_csv_manifests_read_or_raise_data_error(
+    header: list[str], rows: list[list[str]], quote: bool
+) -> None:
+    folder = _scratch / "manifest"
+    folder.mkdir(exist_ok=True)
+    for name in ("a.png", "b.png"):
+        (folder / name).write_bytes(VALID_PNG)
+
+    def line(cells: list[str]) -> str:
+        return ",".join(f'"{c}"' if quote else c for c in cells)
+
+    rows = [(r + [""] * len(header))[: len(header)] for r in rows]  # extra cells: see the test below
+    path = folder / "list.csv"
+    path.write_text("\n".join([line(header), *(line(r) for r in rows)]) + "\n", encoding="utf-8")
+    try:
+        dataset = read_dataset(path)
+    except SamadaptError:
+        return
+    assert len(dataset) == len(dataset.ids) >= 1
+    for i in range(len(dataset)):
+        _check_image(dataset.image(i))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="manifest.read_csv_rows: a row with more cells than the header (a trailing comma, an unquoted comma "
+    "in a path) makes csv.DictReader store a list under key None; `(v or '').strip()` raises AttributeError. "
+    "Fix: refuse rows where None in row, with DataError naming the line.",
+)
+def test_csv_row_with_more_cells_than_the_header_is_a_data_error() -> None:
+    folder = _scratch / "wide"
+    folder.mkdir(exist_ok=True)
+    (folder / "a.png").write_bytes(VALID_PNG)
+    (folder / "list.csv").write_text("path,label\na.png,benign\n,,\n")  # Excel writes blank rows as ",,"
+    with pytest.raises(DataError, match="list.csv"):
+        read_dataset(folder / "list.csv")
+
+
+# ---- YAML configs ----------------------------------------------------------------------------------------------
+
+# Scalars and mappings; null and lists are the known gap tested below.
+_yaml_values = st.one_of(
+    st.booleans(),
+    st.integers(-5, 10**6),
+    st.floats(allow_nan=True),
+    st.text(max_size=8),
+    st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
+)
+_config_keys = st.sampled_from(
+    [
+        "epochs",
+        "batch-size",
+        "lr",
+        "label_fraction",
+        "seed",
+        "method",
+        "slca-window",
+        "image_size",
+        "data",
+        "bogus",
+    ]
+)
+
+
+def _classify_args(config: Path) -> argparse.Namespace:
+    """What `samadapt train --task classify --config FILE` does with the file before any work starts."""
+    from samadapt.tasks.classify.cli import _merge, add_train_arguments
+    from samadapt.tasks.classify.config import config_from_args
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--task", default="classify")
+    add_train_arguments(parser)
+    args = _merge(parser.parse_args(["--config", str(config)]), add_train_arguments)
+    return config_from_args(args).validate()
+
+
+@FUZZ
+@given(text=st.text(max_size=80))
+def test_arbitrary_yaml_text_raises_only_config_error(text: str) -> None:
+    from samadapt.training.config import load_yaml_config
+
+    path = _scratch / "raw.yaml"
+    path.write_text(text, encoding="utf-8")
+    try:
+        assert isinstance(load_yaml_config(path), dict)
+    except ConfigError:
+        pass
+
+
+_CONFIG_REASON = (
+    "training.config.merge_config passes YAML null/lists through unconverted (and `epochs: null` is taken as "
+    "set); ClassifyConfig.validate then calls int() on them: TypeError traceback. Fix: in merge_config, refuse "
+    "values that are not scalars for typed flags with ConfigError naming the key (and None for non-None defaults)."
+)
+
+
+@FUZZ
+@given(values=st.dictionaries(_config_keys, _yaml_values, max_size=4))
+def test_classify_config_values_of_any_type_raise_only_config_error(values: dict) -> None:
+    path = _scratch / "classify.yaml"
+    path.write_text(yaml.safe_dump({"task": "classify", "data": "x.npz", **values}))
+    try:
+        cfg = _classify_args(path)
+    except ConfigError:
+        return
+    assert cfg.epochs >= 1 and 0 < cfg.label_fraction <= 1
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param([1, 2], marks=pytest.mark.xfail(strict=True, reason=_CONFIG_REASON)),
+        pytest.param(None, marks=pytest.mark.xfail(strict=True, reason=_CONFIG_REASON)),
+        {"a": 1},
+        "many",
+    ],
+)
+def test_classify_config_epochs_of_the_wrong_type(value) -> None:
+    path = _scratch / "epochs.yaml"
+    path.write_text(yaml.safe_dump({"task": "classify", "data": "x.npz", "epochs": value}))
+    with pytest.raises(ConfigError, match="epochs"):
+        _classify_args(path)
