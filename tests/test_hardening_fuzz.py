@@ -134,32 +134,15 @@ def test_preprocessing_invalid_images_raise_data_error(image: object, name: str)
         PREPROCESSORS[name](image, 32)  # type: ignore[arg-type]
 
 
-_EMPTY_REASON = (
-    "as_rgb_uint8 accepts zero-size arrays; PIL/skimage/torchvision then raise ValueError or RuntimeError. "
-    "Fix: refuse image.size == 0 (and sides < 1 after resizing) with DataError in as_rgb_uint8."
-)
-
-
 @pytest.mark.parametrize(
     ("name", "shape"),
     [
-        pytest.param(
-            name, shape, marks=pytest.mark.xfail(strict=True, reason=_EMPTY_REASON), id=f"{name}-{shape}"
-        )
+        pytest.param(name, shape, id=f"{name}-{shape}")
         for name in sorted(PREPROCESSORS)
         for shape in ((0, 5), (5, 0, 3))
     ]
     + [
-        pytest.param(
-            "sam",
-            (2, 1000),
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="preprocess_sam: aspect above about 2*size resizes to a 0-pixel side; PIL raises ValueError "
-                "(read_image refuses such files, Encoder.embed takes arrays). Fix: DataError when a side rounds to 0.",
-            ),
-            id="sam-thin",
-        ),
+        pytest.param("sam", (2, 1000), id="sam-thin"),
         pytest.param("medsam", (2, 1000), id="medsam-thin"),
         pytest.param("sam2", (2, 1000), id="sam2-thin"),
     ],
@@ -210,12 +193,6 @@ def test_csv_manifests_read_or_raise_data_error(
         _check_image(dataset.image(i))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="manifest.read_csv_rows: a row with more cells than the header (a trailing comma, an unquoted comma "
-    "in a path) makes csv.DictReader store a list under key None; `(v or '').strip()` raises AttributeError. "
-    "Fix: refuse rows where None in row, with DataError naming the line.",
-)
 def test_csv_row_with_more_cells_than_the_header_is_a_data_error() -> None:
     folder = _scratch / "wide"
     folder.mkdir(exist_ok=True)

@@ -27,7 +27,15 @@ def read_csv_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]
             reader = csv.DictReader(handle)
             header = [name.strip().lower() for name in reader.fieldnames or []]
             reader.fieldnames = header
-            rows = [(reader.line_num, row) for row in reader if any((v or "").strip() for v in row.values())]
+            rows = []
+            for row in reader:
+                if None in row:  # DictReader puts cells beyond the header under the key None
+                    raise DataError(
+                        f"{path}: line {reader.line_num} has {len(header) + len(row[None])} cells but the header "
+                        f"has {len(header)}"
+                    )
+                if any((v or "").strip() for v in row.values()):
+                    rows.append((reader.line_num, row))
     except (OSError, UnicodeDecodeError, csv.Error) as error:
         raise DataError(f"{path}: cannot read CSV: {error}") from error
     return header, rows

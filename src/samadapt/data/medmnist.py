@@ -169,6 +169,10 @@ def read_medmnist(path: Path, *, class_names: Sequence[str] | None = None) -> Im
     ids, locators, splits, label_parts = [], [], [], []
     for split in present:
         shape, dtype = headers[f"{split}_images"]
+        if dtype.hasobject:  # would need pickle to load, which we never allow
+            raise DataError(
+                f"{path}: {split}_images holds Python objects (dtype {dtype}); expected a uint8 array"
+            )
         if not (len(shape) == 3 or (len(shape) == 4 and shape[3] in (1, 3))):
             raise DataError(
                 f"{path}: {split}_images has shape {shape}; expected (N, H, W) or (N, H, W, 3) 2D images"

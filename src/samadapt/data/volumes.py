@@ -124,6 +124,9 @@ def read_volume_file(path: str | Path) -> tuple[np.ndarray, np.ndarray, tuple[fl
         data = data[:, :, None]
     if data.ndim != 3:
         raise DataError(f"{p}: expected a 3D volume (X, Y, Z), found shape {data.shape}")
+    if not np.isfinite(data).all():
+        bad = int((~np.isfinite(data)).sum())
+        raise DataError(f"{p}: {bad} voxels are NaN or Inf; fix or mask them before training")
     zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
     spacing = (zooms + (1.0, 1.0, 1.0))[:3]
     return data, np.asarray(img.affine, dtype=np.float64), spacing  # type: ignore[return-value]

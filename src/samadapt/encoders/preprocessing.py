@@ -49,6 +49,8 @@ def as_rgb_uint8(image: np.ndarray) -> np.ndarray:
             f"expected a uint8 image, got dtype {image.dtype}; read files with samadapt.data.read_image, "
             "which converts 16-bit and float images to uint8"
         )
+    if image.size == 0 or min(image.shape[:2], default=0) == 0:
+        raise DataError(f"expected a non-empty image, got shape {tuple(image.shape)}")
     if image.ndim == 2:
         return np.repeat(image[:, :, None], 3, axis=2)
     if image.ndim == 3 and image.shape[2] == 3:
@@ -70,6 +72,10 @@ def preprocess_sam(image: np.ndarray, size: int) -> tuple[torch.Tensor, Preproce
     rgb = as_rgb_uint8(image)
     h, w = rgb.shape[:2]
     new_h, new_w = longest_side_shape(h, w, size)
+    if min(new_h, new_w) == 0:
+        raise DataError(
+            f"image of shape {h}x{w} is too elongated for input size {size} (a side would be 0 px)"
+        )
     # torchvision's resize on a PIL image is PIL's bilinear resize with (w, h): the official path.
     resized = np.array(Image.fromarray(rgb).resize((new_w, new_h), Image.Resampling.BILINEAR))
     x = torch.from_numpy(resized).permute(2, 0, 1).float()

@@ -69,9 +69,9 @@ def summarize(per_volume: list[dict], label_names: Sequence[str]) -> dict:
     hd_by = {n: _nanmean(hd[:, i]) for i, n in enumerate(label_names)}
     return {
         "dice": dice_by,
-        "dice_mean": _nanmean(np.array(list(dice_by.values()))),
+        "dice_mean": _nanmean(np.array(list(dice_by.values()), dtype=np.float64)),  # None -> nan
         "hd95": hd_by,
-        "hd95_mean": _nanmean(np.array(list(hd_by.values()))),
+        "hd95_mean": _nanmean(np.array(list(hd_by.values()), dtype=np.float64)),
         "num_volumes": len(per_volume),
     }
 
