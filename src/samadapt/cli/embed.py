@@ -37,7 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--device", default="cpu", help="cpu, cuda or auto (under torchrun: one GPU per process)"
     )
     parser.add_argument(
-        "--arch", choices=("default", "tiny"), default="default", help="tiny: random-weight test model"
+        "--encoder-arch",
+        "--arch",
+        dest="arch",
+        choices=("default", "tiny"),
+        default="default",
+        help="tiny: random-weight test model (same flag as in `samadapt train`)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
