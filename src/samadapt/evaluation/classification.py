@@ -22,7 +22,7 @@ def classification_metrics(*, y_true: np.ndarray, probs: np.ndarray) -> dict[str
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "balanced_accuracy": float(_quiet(balanced_accuracy_score, y_true, y_pred)),
         "f1_macro": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
-        "loss": float(log_loss(y_true, np.clip(probs, 1e-12, 1.0), labels=labels)),
+        "loss": float(log_loss(y_true, _renormalised(probs), labels=labels)),
     }
     try:
         if n_classes == 2:
@@ -34,6 +34,12 @@ def classification_metrics(*, y_true: np.ndarray, probs: np.ndarray) -> dict[str
     except ValueError:  # a class missing from this split: AUC undefined
         out["auc"] = float("nan")
     return out
+
+
+def _renormalised(probs: np.ndarray) -> np.ndarray:
+    # float32 softmax rows sum to 1 only within ~1e-7; scikit-learn warns about that, so clip and rescale
+    clipped = np.clip(probs, 1e-12, 1.0)
+    return clipped / clipped.sum(axis=1, keepdims=True)
 
 
 def _quiet(fn, *args):

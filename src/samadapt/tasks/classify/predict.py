@@ -1,0 +1,140 @@
+"""`samadapt predict --run RUN --images ...`: class probabilities per image and SLCA attention overlays."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from samadapt.errors import CheckpointError, ConfigError, DataError
+from samadapt.reports import save_overlay, write_predictions_csv
+from samadapt.tasks.classify.config import ClassifyConfig
+from samadapt.tasks.classify.features import (
+    embed_into_store,
+    global_sam_features,
+    normalise,
+    pooled_sam_features,
+    resize_for_backbone,
+)
+from samadapt.tasks.classify.linear_probe import probe_probabilities
+from samadapt.tasks.classify.prepare import load_encoder_for
+from samadapt.tasks.classify.train import backbone_norm, build_model
+from samadapt.training import load_weights
+
+log = logging.getLogger(__name__)
+BATCH = 32
+
+
+def load_run(run: Path) -> tuple[ClassifyConfig, list[str], dict | None]:
+    path = Path(run) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{run}: not a run folder (no config.yaml)")
+    data = yaml.safe_load(path.read_text()) or {}
+    if data.get("task") != "classify":
+        raise ConfigError(f"{path}: task is {data.get('task')!r}, expected 'classify'")
+    class_names = list(data.pop("class_names"))
+    fields = data.pop("encoder_fields", None)
+    data.pop("task")
+    return ClassifyConfig.from_mapping(data), class_names, fields
+
+
+def list_image_files(items: list[str]) -> list[Path]:
+    from samadapt.data.folders import list_images
+
+    files: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            files.extend(list_images(path))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DataError(f"{path}: no such image file or folder")
+    if not files:
+        raise DataError(f"no images found in {', '.join(items)}")
+    return files
+
+
+def predict_images(
+    *, run: Path, images: list[str], out: Path, store: str | None = None, device: str | None = None
+) -> Path:
+    """Write OUT/predictions.csv (class and probabilities per image) and, for slca, OUT/overlays/<name>.png."""
+    from samadapt.data import read_image
+
+    cfg, class_names, fields = load_run(run)
+    files = list_image_files(images)
+    arrays = [read_image(f) for f in files]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = load_weights(Path(run) / "model.safetensors")
+    embeddings = None
+    if cfg.method != "baseline":
+        encoder = load_encoder_for(cfg, device or "cpu")
+        if fields is not None and encoder.cache_key_fields() != fields:
+            raise CheckpointError(
+                f"{run}: trained with encoder settings {fields}, but the encoder now loads as {encoder.cache_key_fields()} "
+                "(another checkpoint file or size?)"
+            )
+        embeddings = embed_into_store(
+            arrays,
+            encoder=encoder,
+            store_dir=store or out / "embeddings",
+            feature=cfg.sam_feature,
+            batch_size=cfg.embed_batch_size,
+        )
+    if cfg.method == "linear-probe":
+        probs = probe_probabilities(weights, global_sam_features(embeddings))
+        maps = None
+    else:
+        probs, maps = _network_probs(
+            cfg, class_names, weights, arrays, embeddings, encoder if embeddings is not None else None
+        )
+    ids = [str(f) for f in files]
+    csv_path = write_predictions_csv(out / "predictions.csv", ids=ids, probs=probs, class_names=class_names)
+    if maps is not None:
+        names = _unique_stems(files)
+        for name, image, heat in zip(names, arrays, maps):
+            save_overlay(out / "overlays" / f"{name}.png", image=image, heatmap=heat)
+    return csv_path
+
+
+def _network_probs(cfg, class_names, weights, arrays, embeddings, encoder):
+    sam_channels = int(embeddings.shape[1]) if embeddings is not None else 0
+    model = build_model(cfg, num_classes=len(class_names), sam_channels=sam_channels)
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"model.safetensors does not fit the run's config: {str(exc).splitlines()[0]}"
+        ) from None
+    model.eval()
+    mean, std = backbone_norm(model)
+    images = resize_for_backbone(arrays, cfg.image_size)
+    sam = None
+    if embeddings is not None:
+        sam = pooled_sam_features(
+            embeddings, window=cfg.slca_window, pooling=cfg.slca_pooling, image_shapes=[a.shape[:2] for a in arrays],
+            preprocessing=encoder.spec.preprocessing, input_size=encoder.image_size,
+        )  # fmt: skip
+    probs, maps = [], []
+    with torch.no_grad():
+        for start in range(0, len(arrays), BATCH):
+            x = normalise(images[start : start + BATCH], mean=mean, std=std)
+            s = sam[start : start + BATCH] if sam is not None else None
+            probs.append(torch.softmax(model(x, s), dim=1).double().numpy())
+            if s is not None and model.uses_sam:
+                maps.extend(model.attention_map(s).numpy())
+    return np.concatenate(probs), (maps if maps else None)
+
+
+def _unique_stems(files: list[Path]) -> list[str]:
+    seen: dict[str, int] = {}
+    names = []
+    for f in files:
+        stem = f.stem
+        seen[stem] = seen.get(stem, 0) + 1
+        names.append(stem if seen[stem] == 1 else f"{stem}_{seen[stem]}")
+    return names

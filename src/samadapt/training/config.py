@@ -1,0 +1,85 @@
+"""Run configuration: YAML files whose keys are the CLI flag names (dashes or underscores), and config.yaml in RUN.
+
+A flag given on the command line wins over the same key in `--config FILE`; the file wins over the flag's default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from samadapt.errors import ConfigError
+from samadapt.utils.atomic import atomic_write_text
+
+
+def load_yaml_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a YAML mapping; keys are normalised to argparse destinations (`label-fraction` -> `label_fraction`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of flag names to values, found {type(data).__name__}")
+    return {str(key).replace("-", "_"): value for key, value in data.items()}
+
+
+def parse_with_config(
+    parser: argparse.ArgumentParser, argv: list[str] | None, *, config_key: str = "config"
+) -> argparse.Namespace:
+    """Parse `argv`, letting a YAML file named by `--config` supply values for flags not given on the line."""
+    args = parser.parse_args(argv)
+    return merge_config(parser, args, config_key=config_key)
+
+
+def merge_config(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, *, config_key: str = "config"
+) -> argparse.Namespace:
+    """Fill `args` from the YAML file in `args.<config_key>` for every flag left at its default.
+
+    Unknown keys raise ConfigError (a typo in a config should not be silently ignored); `task` is allowed.
+    """
+    path = getattr(args, config_key, None)
+    if not path:
+        return args
+    config = load_yaml_config(path)
+    known = {action.dest: action for action in parser._actions}  # argparse keeps no public list
+    for key, value in config.items():
+        if key == "task":
+            continue
+        if key not in known:
+            raise ConfigError(
+                f"{path}: unknown key {key!r}; known keys: {', '.join(sorted(k for k in known if k != 'help'))}"
+            )
+        action = known[key]
+        if getattr(args, key) == action.default:
+            if action.type is not None and value is not None and not isinstance(value, list):
+                try:
+                    value = action.type(value) if not isinstance(value, bool) else value
+                except (TypeError, ValueError) as exc:
+                    raise ConfigError(f"{path}: key {key!r}: {exc}") from exc
+            setattr(args, key, value)
+    return args
+
+
+def save_run_config(path: str | os.PathLike[str], config: dict[str, Any]) -> Path:
+    """Write config.yaml atomically (paths as strings, keys in the given order)."""
+    clean = {key: _plain(value) for key, value in config.items()}
+    atomic_write_text(path, yaml.safe_dump(clean, sort_keys=False))
+    return Path(path)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
