@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from samadapt.cli.main import main
 
 
@@ -50,3 +52,13 @@ def test_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.e2e
+def test_demo_quick_runs_all_three_tasks(tmp_path, capsys):
+    assert main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "tiny random-weight sam_vit_b" in out
+    for report in ("classify/report.html", "segment/results.md", "fewshot/report.html"):
+        assert (tmp_path / "demo" / report).is_file(), report
+    assert "slca" in (tmp_path / "demo" / "classify" / "summary.md").read_text()
