@@ -58,7 +58,10 @@ def test_sam2_file_asked_as_sam_names_family(tmp_path):
 
 @pytest.mark.parametrize("wrapper", ["flat", "model", "module", "state_dict", "safetensors"])
 def test_containers_unwrap_to_the_same_state(tmp_path, wrapper):
-    state = {"image_encoder.patch_embed.proj.weight": torch.randn(8, 3, 16, 16), "mask_decoder.x": torch.ones(2)}
+    state = {
+        "image_encoder.patch_embed.proj.weight": torch.randn(8, 3, 16, 16),
+        "mask_decoder.x": torch.ones(2),
+    }
     path = tmp_path / ("ckpt.safetensors" if wrapper == "safetensors" else "ckpt.pth")
     if wrapper == "flat":
         torch.save(state, path)

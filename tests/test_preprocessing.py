@@ -58,9 +58,9 @@ def test_medsam_preprocessing_matches_official_script(real_images):
     img = real_images["cell"]
     # MedSAM_Inference.py, verbatim in effect:
     img_3c = np.repeat(img[:, :, None], 3, axis=-1)
-    img_1024 = transform.resize(img_3c, (1024, 1024), order=3, preserve_range=True, anti_aliasing=True).astype(
-        np.uint8
-    )
+    img_1024 = transform.resize(
+        img_3c, (1024, 1024), order=3, preserve_range=True, anti_aliasing=True
+    ).astype(np.uint8)
     img_1024 = (img_1024 - img_1024.min()) / np.clip(img_1024.max() - img_1024.min(), a_min=1e-8, a_max=None)
     expected = torch.tensor(img_1024).float().permute(2, 0, 1)
     ours, _ = PREPROCESSORS["medsam"](img, 1024)
