@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from samadapt.utils.distributed import join_process_group
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -33,20 +35,14 @@ class DistContext:
 
 def init_distributed(*, device: str | None = None) -> DistContext:
     """Join the torchrun process group when launched by torchrun; choose the device (cuda:LOCAL_RANK or cpu)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None:
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    torch_device = torch.device(device)
-    if world_size <= 1:
+    torch_device = join_process_group(device)
+    if not dist.is_initialized() or dist.get_world_size() <= 1:
         return DistContext(device=torch_device)
-    if not dist.is_initialized():
-        backend = "nccl" if torch_device.type == "cuda" else "gloo"
-        if torch_device.type == "cuda":
-            torch.cuda.set_device(torch_device)
-        dist.init_process_group(backend=backend)
     return DistContext(
-        rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=torch_device
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        device=torch_device,
     )
 
 
