@@ -24,6 +24,7 @@ import yaml
 
 from corpus import medmnist_arrays, write_volume_dataset
 from samadapt.cli.main import main
+from samadapt.errors import ConfigError
 from samadapt.store import open_store
 
 pytestmark = [pytest.mark.e2e, pytest.mark.filterwarnings("ignore::samadapt.encoders.RandomWeightsWarning")]
@@ -180,11 +181,6 @@ TRAIN_RESUME = {
 }  # fmt: skip
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="`samadapt train` has no --resume (classify and segment): a killed training restarts from epoch 0. "
-    "Fix: save model+optimizer+RNG+early-stopping state atomically each epoch in RUN/ and accept --resume.",
-)
 @pytest.mark.parametrize("task", sorted(TRAIN_RESUME))
 def test_kill_9_during_train_then_resume_equals_an_uninterrupted_run(volumes, tmp_path, task: str) -> None:
     if task == "segment":
@@ -208,3 +204,58 @@ def test_kill_9_during_train_then_resume_equals_an_uninterrupted_run(volumes, tm
     a, b = (json.loads((r / "run" / "metrics.json").read_text()) for r in (killed, clean))
     a.pop("seconds", None), b.pop("seconds", None)
     assert a == b
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _fit_toy(run: Path, *, epochs: int, resume: bool, die_after: int | None = None, lr: float = 0.05):
+    """A tiny model whose data draws from the global torch RNG and the loader's generator, with dropout, a
+    scheduler and early stopping: every piece of state `fit` must carry over."""
+    from samadapt.training import EarlyStopping, fit, seed_everything
+    from samadapt.training.resume import resume_dir, start_run
+
+    start_run(run, resume=resume)
+    generator = seed_everything(3)
+    x, y = torch.randn(20, 4), torch.randint(2, (20,))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.3), torch.nn.Linear(8, 2))
+    loader = torch.utils.data.DataLoader(list(range(20)), batch_size=6, shuffle=True, generator=generator)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    calls = []
+
+    def loss_fn(m, idx):
+        noise = 0.1 * torch.randn(len(idx), 4) + float(np.random.rand()) * 0.01  # noqa: NPY002
+        return torch.nn.functional.cross_entropy(m(x[idx] + noise), y[idx])
+
+    def validate(m):
+        calls.append(1)
+        if die_after is not None and len(calls) > die_after:
+            raise _Interrupted
+        return {
+            "loss": float(torch.nn.functional.cross_entropy(m(x), y)),
+            "acc": float((m(x).argmax(1) == y).float().mean()),
+        }
+
+    return fit(
+        model=model, train_loader=loader, loss_fn=loss_fn, validate=validate, optimizer=optimizer, epochs=epochs,
+        stopper=EarlyStopping(monitor="acc", patience=4), progress=False, resume_dir=resume_dir(run), resume=resume,
+        scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs), fingerprint={"lr": lr},
+    )  # fmt: skip
+
+
+def test_fit_resumes_to_the_same_history_and_weights(tmp_path, caplog) -> None:
+    clean = _fit_toy(tmp_path / "clean", epochs=12, resume=False)
+    with pytest.raises(_Interrupted):
+        _fit_toy(tmp_path / "run", epochs=12, resume=False, die_after=5)
+    assert json.loads((tmp_path / "run" / ".resume" / "state.json").read_text())["epoch"] == 4
+    with pytest.raises(ConfigError, match=r"state\.json.*lr=0\.05.*lr=0\.1"):
+        _fit_toy(tmp_path / "run", epochs=12, resume=True, lr=0.1)
+    resumed = _fit_toy(tmp_path / "run", epochs=12, resume=True)
+    assert resumed.history == clean.history and resumed.best_epoch == clean.best_epoch
+    assert resumed.stopped_early == clean.stopped_early
+    for key, tensor in clean.best_state.items():
+        torch.testing.assert_close(resumed.best_state[key], tensor, rtol=0, atol=0)
+    with caplog.at_level("WARNING"):  # without --resume an interrupted run starts over, and says so
+        fresh = _fit_toy(tmp_path / "run", epochs=12, resume=False)
+    assert "starting from scratch" in caplog.text and fresh.history == clean.history

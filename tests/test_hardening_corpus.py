@@ -139,12 +139,6 @@ def test_debug_shows_the_traceback_instead(tmp_path) -> None:
         main([*EMBED, "--data", str(bad), "--cache", str(tmp_path / "cache"), "--debug"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="classify cli.train ignores --no-progress for embedding (prepare(..., progress=ctx.is_main)); the "
-    "'hashing' tqdm bar is left open when read_image raises, so the error is printed glued to the bar text. "
-    "Fix: pass progress=ctx.is_main and not args.no_progress (and the store closes its bars on error).",
-)
 def test_classify_train_reports_a_bad_image_in_one_line(tmp_path, capsys) -> None:
     for label in ("a", "b"):
         for seed in range(3):

@@ -59,13 +59,42 @@ def merge_config(
             )
         action = known[key]
         if getattr(args, key) == action.default:
-            if action.type is not None and value is not None and not isinstance(value, list):
-                try:
-                    value = action.type(value) if not isinstance(value, bool) else value
-                except (TypeError, ValueError) as exc:
-                    raise ConfigError(f"{path}: key {key!r}: {exc}") from exc
-            setattr(args, key, value)
+            setattr(args, key, _typed_value(path, key, value, action))
     return args
+
+
+def _typed_value(path: Any, key: str, value: Any, action: argparse.Action) -> Any:
+    """Convert a YAML value with the flag's type; refuse what the flag could never hold (a mapping, a list for a
+    single value, null for a flag that always has a value) instead of passing it on to fail later."""
+    if action.type is None:
+        return value
+    if value is None:
+        if action.default is not None:
+            raise ConfigError(f"{path}: key {key!r}: expected a value, found null")
+        return None
+    if isinstance(value, dict):
+        raise ConfigError(f"{path}: key {key!r}: expected a single value, found a mapping")
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, list):
+        # list-valued flags parse "a,b,c" (e.g. --heads, --seeds); any other flag takes one value
+        if any(isinstance(v, dict | list) for v in value):
+            raise ConfigError(f"{path}: key {key!r}: expected a list of plain values, found nested ones")
+        try:
+            converted = action.type(",".join(str(v) for v in value))
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
+            converted = None
+        if not isinstance(converted, list | tuple):
+            raise ConfigError(f"{path}: key {key!r}: expected a single value, found a list of {len(value)}")
+        return converted
+    return _convert(path, key, value, action)
+
+
+def _convert(path: Any, key: str, value: Any, action: argparse.Action) -> Any:
+    try:
+        return action.type(value)
+    except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
+        raise ConfigError(f"{path}: key {key!r}: {exc}") from exc
 
 
 def save_run_config(path: str | os.PathLike[str], config: dict[str, Any]) -> Path:

@@ -7,10 +7,12 @@ validation set (`validate`); the loop handles epochs, DDP samplers, gradient cli
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,8 +20,20 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from samadapt.errors import ConfigError
 from samadapt.training.distributed import DistContext, broadcast_object, mean_across_ranks, unwrap_model
 from samadapt.training.early_stopping import EarlyStopping
+from samadapt.training.resume import (
+    ResumeState,
+    load_resume,
+    restore_rng,
+    restore_stopper,
+    rng_state,
+    save_resume,
+    stopper_state,
+)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -49,6 +63,9 @@ def fit(
     ctx: DistContext | None = None,
     progress: bool = True,
     desc: str = "train",
+    resume_dir: Path | None = None,
+    resume: bool = False,
+    fingerprint: dict[str, Any] | None = None,
 ) -> FitResult:
     """Train `model` for up to `epochs` epochs and return the best state by validation.
 
@@ -57,16 +74,43 @@ def fit(
       Under DDP every rank validates the full set; rank 0's early-stopping decision is broadcast.
     - `train_loader.sampler.set_epoch(epoch)` is called when it exists (DistributedSampler reshuffles per epoch).
     - On return the model holds the best weights; `best_state` is a CPU copy of them.
+    - With `resume_dir`, the full state (weights, optimizer, scheduler, early stopping, history, RNGs of python,
+      numpy, torch and the loader's generator) is saved there after every epoch; with `resume` too, a saved
+      state continues the run, so the result equals an uninterrupted run's. `fingerprint` (the run's settings)
+      must match the saved one. The caller deletes the state once its outputs are written (`clear_resume`).
     """
     ctx = ctx or DistContext()
     stopper = stopper or EarlyStopping(patience=epochs + 1)
     module = unwrap_model(model)
+    generators = _generators(train_loader)
     history: list[dict[str, float]] = []
     best_state = _cpu_state(module)
     best_val: dict[str, float] = {}
     stopped_early = False
+    first = 0
+    if ctx.enabled:  # per-rank RNG streams would need one state per rank: not supported yet
+        if resume:
+            raise ConfigError(
+                "--resume is not supported under torchrun (DDP); rerun on one process or without it"
+            )
+        resume_dir = None
+    saved = load_resume(resume_dir, fingerprint=fingerprint) if resume_dir is not None and resume else None
+    if saved is not None:
+        module.load_state_dict(saved.model)
+        optimizer.load_state_dict(saved.optimizer)
+        if scheduler is not None and saved.scheduler is not None:
+            scheduler.load_state_dict(saved.scheduler)
+        restore_stopper(stopper, saved.stopper)
+        restore_rng(saved.rng, generators)
+        history, best_state, best_val = saved.history, saved.best_state, saved.best_val
+        first = epochs if saved.stopped else saved.epoch + 1
+        stopped_early = saved.stopped and saved.epoch + 1 < epochs
+        log.info("resuming %s after epoch %d of %d", desc, saved.epoch, epochs)
     start = time.perf_counter()
-    bar = tqdm(range(epochs), desc=desc, disable=not (progress and ctx.is_main), leave=False)
+    bar = tqdm(
+        range(first, epochs), desc=desc, disable=not (progress and ctx.is_main), leave=False, initial=first,
+        total=epochs,
+    )  # fmt: skip
     for epoch in bar:
         sampler = getattr(train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
@@ -98,7 +142,15 @@ def fit(
         )
         if improved:
             best_state, best_val = _cpu_state(module), dict(val)
-        if broadcast_object(stopper.should_stop, ctx):
+        stop = broadcast_object(stopper.should_stop, ctx)
+        if resume_dir is not None:
+            state = ResumeState(
+                epoch=epoch, history=history, best_val=best_val, stopped=stop, stopper=stopper_state(stopper),
+                model=module.state_dict(), best_state=best_state, optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict() if scheduler is not None else None, rng=rng_state(generators),
+            )  # fmt: skip
+            save_resume(resume_dir, state, fingerprint=fingerprint)
+        if stop:
             stopped_early = epoch + 1 < epochs
             break
     module.load_state_dict(best_state)
@@ -122,6 +174,16 @@ def collect_outputs(
     outputs = [forward(module, batch).detach().float().cpu() for batch in batches]
     module.train(was_training)
     return torch.cat(outputs) if outputs else torch.empty(0)
+
+
+def _generators(loader: Iterable[Any]) -> list[torch.Generator]:
+    """The loader's data-order generator and the sampler's, when they are separate objects (saved for resume)."""
+    found: list[torch.Generator] = []
+    for owner in (loader, getattr(loader, "sampler", None)):
+        generator = getattr(owner, "generator", None)
+        if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
+            found.append(generator)
+    return found
 
 
 def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:

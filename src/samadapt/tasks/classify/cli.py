@@ -20,6 +20,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         )
     add_config_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue an interrupted training in --out from its last epoch"
+    )
 
 
 def train(args: argparse.Namespace) -> int:
@@ -27,15 +30,20 @@ def train(args: argparse.Namespace) -> int:
     from samadapt.tasks.classify.prepare import prepare
     from samadapt.tasks.classify.train import run_classification
     from samadapt.training import cleanup_distributed, init_distributed
+    from samadapt.training.progress import close_bars_on_error
 
     args = _merge(args, add_train_arguments)
     cfg = config_from_args(args).validate()
     if not cfg.out:
         raise ConfigError("--out RUN is required")
     ctx = init_distributed(device=cfg.device)
+    progress = ctx.is_main and not args.no_progress
     try:
-        prepared = prepare(cfg, need_sam=cfg.method != "baseline", progress=ctx.is_main)
-        metrics = run_classification(cfg, prepared, Path(cfg.out), ctx=ctx, progress=not args.no_progress)
+        with close_bars_on_error():
+            prepared = prepare(cfg, need_sam=cfg.method != "baseline", progress=progress)
+            metrics = run_classification(
+                cfg, prepared, Path(cfg.out), ctx=ctx, progress=progress, resume=bool(args.resume)
+            )
     finally:
         cleanup_distributed(ctx)
     if ctx.is_main:

@@ -31,6 +31,7 @@ from samadapt.training import (
     seed_everything,
     wrap_model,
 )
+from samadapt.training.resume import clear_resume, resume_dir, start_run
 
 log = logging.getLogger(__name__)
 EVAL_BATCH = 64
@@ -68,10 +69,16 @@ def run_classification(
     *,
     ctx: DistContext | None = None,
     progress: bool = True,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Train and evaluate one method; on rank 0 write config.yaml, model.safetensors, plots, report, metrics."""
+    """Train and evaluate one method; on rank 0 write config.yaml, model.safetensors, plots, report, metrics.
+
+    Network training saves its state in RUN/.resume after every epoch; `resume` continues from it.
+    """
     ctx = ctx or DistContext()
     out = Path(out)
+    if ctx.is_main:
+        start_run(out, resume=resume)
     start = time.perf_counter()
     idx_train = train_indices(cfg, prepared)
     eval_idx = np.concatenate([prepared.split["val"], prepared.split["test"]])
@@ -79,7 +86,7 @@ def run_classification(
         probs, history, best_epoch, weights, fit_info = _linear_probe(cfg, prepared, idx_train, eval_idx)
     else:
         probs, history, best_epoch, weights, fit_info = _train_network(
-            cfg, prepared, idx_train, eval_idx, ctx, progress
+            cfg, prepared, idx_train, eval_idx, ctx, progress, out=out, resume=resume
         )
     if not ctx.is_main:
         return {}
@@ -129,6 +136,7 @@ def run_classification(
         best_epoch=best_epoch,
         notes=notes,
     )
+    clear_resume(out)  # metrics.json is written: the run is complete
     return metrics
 
 
@@ -143,7 +151,7 @@ def _linear_probe(cfg, prepared, idx_train, eval_idx):
     return probe_probabilities(weights, x[eval_idx]), None, None, weights, info
 
 
-def _train_network(cfg, prepared, idx_train, eval_idx, ctx, progress):
+def _train_network(cfg, prepared, idx_train, eval_idx, ctx, progress, *, out: Path, resume: bool):
     generator = seed_everything(cfg.seed + ctx.rank)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     uses_sam = cfg.method == "slca"
@@ -205,6 +213,7 @@ def _train_network(cfg, prepared, idx_train, eval_idx, ctx, progress):
         model=ddp_model, train_loader=loader, loss_fn=loss_fn, validate=validate, optimizer=optimizer,
         epochs=cfg.epochs, stopper=stopper, scheduler=scheduler, ctx=ctx, progress=progress,
         desc=f"{cfg.method} f={cfg.label_fraction:g} s={cfg.seed}",
+        resume_dir=resume_dir(out), resume=resume, fingerprint=_fingerprint(cfg),
     )  # fmt: skip
     probs = probs_of(model, eval_idx) if ctx.is_main else None
     info = {
@@ -213,3 +222,8 @@ def _train_network(cfg, prepared, idx_train, eval_idx, ctx, progress):
         "train_seconds": round(result.seconds, 2),
     }
     return probs, result.history, result.best_epoch, result.best_state, info
+
+
+def _fingerprint(cfg: ClassifyConfig) -> dict[str, Any]:
+    """The settings a resumed run must share with the interrupted one (not where it runs or how it reports)."""
+    return {k: v for k, v in cfg.to_dict().items() if k not in ("out", "device", "store")}

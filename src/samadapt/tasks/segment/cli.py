@@ -48,6 +48,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                         "~/.cache/samadapt/store)")  # fmt: skip
     parser.add_argument("--unet-channels", type=_int_tuple, default=(32, 64, 128, 256, 512))
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue interrupted trainings from their last finished epoch"
+    )
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,16 +71,18 @@ def _train_kwargs(args: argparse.Namespace) -> dict:
         "batch_size": args.batch_size, "lr": args.lr, "patience": args.patience, "aug_views": args.aug_views,
         "online_encoder": args.online_encoder, "seed": args.seed, "label_names": args.label_names,
         "splits_file": args.splits, "store": args.store, "unet_channels": tuple(args.unet_channels),
-        "progress": not args.no_progress,
+        "progress": not args.no_progress, "resume": bool(args.resume),
     }  # fmt: skip
 
 
 def train(args: argparse.Namespace) -> int:
     from samadapt.tasks.segment.train import run_segmentation
+    from samadapt.training.progress import close_bars_on_error
 
-    metrics = run_segmentation(
-        head=args.head, train_volumes=args.train_volumes, out=args.out, **_train_kwargs(args)
-    )
+    with close_bars_on_error():
+        metrics = run_segmentation(
+            head=args.head, train_volumes=args.train_volumes, out=args.out, **_train_kwargs(args)
+        )
     print(json.dumps({"test": metrics["test"], "run": str(args.out)}, indent=2))
     return 0
 

@@ -35,6 +35,7 @@ from samadapt.tasks.segment.slices import (
 from samadapt.training.config import save_run_config
 from samadapt.training.early_stopping import EarlyStopping
 from samadapt.training.loop import fit
+from samadapt.training.resume import clear_resume, resume_dir, start_run
 from samadapt.training.seed import seed_everything
 from samadapt.training.weights import save_weights
 from samadapt.utils.atomic import atomic_write_json
@@ -128,14 +129,27 @@ def run_segmentation(
     store: str | Path | None = None,
     unet_channels: tuple[int, ...] = (32, 64, 128, 256, 512),
     progress: bool = True,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Train `head` on `data` and write the run folder `out`; returns the metrics dict written to metrics.json."""
+    """Train `head` on `data` and write the run folder `out`; returns the metrics dict written to metrics.json.
+
+    Training state is saved in RUN/.resume after every epoch; `resume` continues an interrupted run from it.
+    """
     start = time.perf_counter()
     out = Path(out)
+    fingerprint = {
+        "data": str(Path(data).resolve()), "head": head, "encoder": encoder, "encoder_arch": encoder_arch,
+        "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None, "precision": precision,
+        "image_size": image_size, "train_volumes": train_volumes, "epochs": epochs, "batch_size": batch_size,
+        "lr": lr, "patience": patience, "aug_views": aug_views, "online_encoder": online_encoder, "seed": seed,
+        "label_names": label_names, "splits_file": str(splits_file) if splits_file else None,
+        "unet_channels": list(unet_channels),
+    }  # fmt: skip
     if head not in ("autosam", "cnn", "linear", "unet"):
         raise ConfigError(f"unknown head {head!r}; choose autosam, cnn, linear or unet")
     if image_size % 16 or image_size < 64:
         raise ConfigError(f"--image-size must be a multiple of 16 and at least 64, got {image_size}")
+    start_run(out, resume=resume)
     seed_everything(seed)
     dataset = read_volumes(data, label_names=label_names)
     splits = _resolve_splits(dataset, seed=seed, splits_file=Path(splits_file) if splits_file else None)
@@ -237,6 +251,9 @@ def run_segmentation(
         stopper=EarlyStopping(monitor="dice", mode="max", patience=patience),
         progress=progress,
         desc=f"train {head}",
+        resume_dir=resume_dir(out),
+        resume=resume,
+        fingerprint=fingerprint,
     )
 
     # Per-volume evaluation at each volume's own grid and spacing.
@@ -301,6 +318,7 @@ def run_segmentation(
     _write_run(out, model=model, config=config, metrics=metrics, splits=splits, train_patients=train_patients,
                history=result.history, best_epoch=result.best_epoch, rows=per_volume_rows, test=test,
                test_predictions=predictions["test"], label_names=dataset.label_names)  # fmt: skip
+    clear_resume(out)  # metrics.json is written: the run is complete
     return metrics
 
 
