@@ -135,3 +135,86 @@ def test_nan_weights_refused(tmp_path):
 
 def test_describe_contents_names_clip():
     assert "CLIP" in describe_contents({"visual.conv1.weight": torch.zeros(1)})
+
+
+def test_garbage_and_bare_pickles_get_an_accurate_reason(tmp_path):
+    """Random bytes or a web page saved as .pth are "not a checkpoint", not "contains pickled objects"."""
+    import numpy as np
+
+    cases = {
+        "random.pth": np.random.default_rng(0).bytes(5000),
+        "page.pth": b"<html><body>404 Not Found</body></html>\n",
+        "bare.pth": pickle.dumps({"w": [1.0, 2.0]}, protocol=4),  # pickle.dump, not torch.save
+    }
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+    for name in ("random.pth", "page.pth"):
+        with pytest.raises(
+            CheckpointError, match=rf"{name}: not a PyTorch checkpoint \(unrecognised content"
+        ):
+            load_state_dict_safely(tmp_path / name)
+    with pytest.raises(CheckpointError, match=r"bare\.pth: refused, it is a plain Python pickle"):
+        load_state_dict_safely(tmp_path / "bare.pth")
+
+
+@pytest.mark.parametrize("keep", [40, 10000, 100000])
+def test_zip_cut_anywhere_is_reported_as_truncated(tmp_path, keep):
+    good = tmp_path / "good.pth"
+    torch.save({"image_encoder.patch_embed.proj.weight": torch.randn(64, 3, 16, 16)}, good)
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(good.read_bytes()[:keep])
+    with pytest.raises(CheckpointError, match=rf"cut\.pth: truncated or corrupt \({keep} bytes"):
+        load_state_dict_safely(cut)
+
+
+def _tiny_sam_encoder_state() -> dict[str, torch.Tensor]:
+    from samadapt.encoders.registry import TINY_ARCHS
+    from samadapt.encoders.sam_vit import SamViTEncoder
+
+    torch.manual_seed(3)
+    return SamViTEncoder(**TINY_ARCHS["sam"], img_size=1024).state_dict()
+
+
+@pytest.mark.parametrize(
+    "container", ["full-flat", "encoder-only", "medsam-training", "safetensors", "safetensors-as-pth"]
+)
+def test_load_encoder_reads_every_container_to_the_same_embedding(tmp_path, container, real_images):
+    """Full-model files (only the encoder is used), encoder-only files, DDP/`{"model": ...}` and safetensors."""
+    import samadapt
+
+    encoder_state = _tiny_sam_encoder_state()
+    full = {f"image_encoder.{k}": v for k, v in encoder_state.items()}
+    full["prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"] = torch.randn(2, 128)
+    full["mask_decoder.iou_token.weight"] = torch.randn(1, 256)
+    path = tmp_path / ("ckpt.safetensors" if container == "safetensors" else "ckpt.pth")
+    if container == "full-flat":
+        torch.save(full, path)
+    elif container == "encoder-only":
+        torch.save(encoder_state, path)
+    elif container == "medsam-training":
+        module_state = {f"module.{k}": v for k, v in full.items()}
+        torch.save({"model": module_state, "optimizer": {"lr": 1e-4}, "epoch": 7}, path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in full.items()}, str(path))
+    reference = tmp_path / "reference.pth"
+    torch.save(full, reference)
+
+    image = real_images["microaneurysms"]
+    got = samadapt.load_encoder("sam_vit_b", checkpoint=path, arch="tiny", image_size=64).embed([image])
+    want = samadapt.load_encoder("sam_vit_b", checkpoint=reference, arch="tiny", image_size=64).embed([image])
+    assert got.shape == (1, 256, 4, 4)
+    assert torch.equal(got, want)
+
+
+def test_mismatch_message_for_an_unknown_vit_width_names_it_once(tmp_path):
+    import samadapt
+
+    path = tmp_path / "custom_vit.pth"
+    torch.save({f"image_encoder.{k}": v for k, v in _tiny_sam_encoder_state().items()}, path)
+    with pytest.raises(CheckpointError) as info:
+        samadapt.load_encoder("medsam_vit_b", checkpoint=path)
+    message = str(info.value)
+    assert "custom_vit.pth: holds a SAM ViT image encoder (embed dim 64, 4 blocks)" in message
+    assert "you asked for medsam_vit_b (embed dim 768, 12 blocks)" in message

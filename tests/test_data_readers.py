@@ -292,3 +292,56 @@ def test_dataset_api_and_user_errors(tmp_path: Path) -> None:
             locators=[None],
             load=lambda _: np.zeros((2, 2), np.uint8),
         )
+
+
+def test_dicom_files_without_an_image_suffix_are_found(tmp_path: Path) -> None:
+    """DICOM exports often name files IM0001 or by UID: a folder of them is a dataset, DICOMDIR is not."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    def write_dicom(path: Path, pixels: np.ndarray | None, **elements: str) -> None:
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = SecondaryCaptureImageStorage
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+        if pixels is not None:
+            ds.set_pixel_data(pixels, photometric_interpretation="MONOCHROME2", bits_stored=12)
+        for key, value in elements.items():
+            setattr(ds, key, value)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(path, enforce_file_format=True)
+
+    stored = (np.arange(24 * 20).reshape(24, 20) * 5).astype(np.uint16)
+    write_dicom(tmp_path / "scans" / "patient1" / "IM0001", stored)
+    write_dicom(tmp_path / "scans" / "patient1" / "1.2.840.113619.2.55.3.7", stored)
+    write_dicom(tmp_path / "scans" / "patient2" / "slice.dcm", stored)
+    write_dicom(tmp_path / "scans" / "DICOMDIR", None, PatientName="Anon")  # an index, no pixels
+    (tmp_path / "scans" / "patient1" / "notes").write_text("not an image")
+    # Patient subfolders would read as classes (the detection rule), so ask for an unlabelled folder.
+    dataset = read_dataset(tmp_path / "scans", format="images")
+    assert dataset.ids == ["patient1/1.2.840.113619.2.55.3.7", "patient1/IM0001", "patient2/slice.dcm"]
+    assert all(dataset.image(i).dtype == np.uint8 and dataset.image(i).shape == (24, 20) for i in range(3))
+    single = tmp_path / "scans" / "patient1" / "IM0001"
+    assert detect_format(single) == "images" and read_dataset(single).ids == ["IM0001"]
+
+    for name in ("benign", "malignant"):  # ImageFolder of suffix-less DICOM files
+        for i in range(3):
+            write_dicom(tmp_path / "classes" / name / f"IM{i:04d}", stored)
+    labelled = read_dataset(tmp_path / "classes", fill_splits=False)
+    assert labelled.format == "imagefolder" and labelled.labels.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_folder_with_a_quoted_header_manifest_is_read_as_a_manifest(tmp_path: Path) -> None:
+    """A CSV written with quoted fields ("path","label","split") must not turn the folder into an ImageFolder."""
+    for i in range(4):
+        save(tmp_path / "imgs" / f"{i}.png")
+    rows = ['"path","label","split"'] + [
+        f'"imgs/{i}.png","{"cat" if i % 2 else "dog"}","{("train", "train", "val", "test")[i]}"'
+        for i in range(4)
+    ]
+    (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
+    assert detect_format(tmp_path) == "manifest"
+    dataset = read_dataset(tmp_path)
+    assert dataset.format == "manifest" and dataset.class_names == ["cat", "dog"]
+    assert dataset.splits == ["train", "train", "val", "test"]

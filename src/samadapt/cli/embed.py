@@ -59,6 +59,20 @@ def parse_layers(text: str | None) -> list[int | str] | None:
     return [int(item) if item.lstrip("-").isdigit() else item for item in items]
 
 
+def _check_layer_names(encoder: str, layers: list[int | str] | None) -> None:
+    """SAM ViT layers are block indices: refuse names here, before the data and the encoder are loaded."""
+    from samadapt.encoders.registry import get_spec
+    from samadapt.errors import ConfigError
+
+    spec = get_spec(encoder)
+    names = [layer for layer in layers or [] if isinstance(layer, str)]
+    if spec.family == "sam" and names:
+        raise ConfigError(
+            f"--layers: {spec.name} layers are transformer block indices such as 2,5 "
+            f"(the neck output is always stored); got {names}"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     import time
 
@@ -77,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is visible to this process")
     layers = parse_layers(args.layers)
+    _check_layer_names(args.encoder, layers)
     started = time.perf_counter()
     device = init_from_env(device)
     try:

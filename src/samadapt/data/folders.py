@@ -1,7 +1,9 @@
 """Folder datasets: a plain folder of images (unlabelled) and ImageFolder (one subfolder per class).
 
 - Plain folder: every image file under the folder, recursively, sorted by relative path; ids are those
-  relative paths. Hidden files and folders (``.name``) and ``__MACOSX`` are skipped.
+  relative paths. Image files are known by suffix, and DICOM files also by their ``DICM`` magic bytes (exports
+  often name them ``IM0001`` or by UID); a ``DICOMDIR`` index is not an image. Hidden files and folders
+  (``.name``) and ``__MACOSX`` are skipped.
 - ImageFolder: ``root/<class>/**/<image>``, or with splits ``root/{train,val|valid|validation,test}/<class>/...``.
   Class names are the sorted union of class folders over all splits, so indices agree between splits.
   An empty class folder is kept as a class and warned about; files beside the class folders are ignored
@@ -18,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from samadapt.data.dataset import ImageDataset
-from samadapt.data.images import IMAGE_SUFFIXES, read_image
+from samadapt.data.images import IMAGE_SUFFIXES, has_dicom_magic, read_image
 from samadapt.data.labels import encode_labels
 from samadapt.data.splits import SPLIT_ALIASES
 from samadapt.errors import DataError
@@ -33,7 +35,7 @@ def _subdirs(folder: Path) -> list[Path]:
 
 
 def list_images(folder: Path, *, recursive: bool = True) -> list[Path]:
-    """Image files in ``folder`` (by suffix), sorted by their path relative to it."""
+    """Image files in ``folder`` (by suffix, or DICOM magic bytes), sorted by their path relative to it."""
     found: list[Path] = []
     for entry in sorted(folder.iterdir()):
         if not _visible(entry):
@@ -41,7 +43,7 @@ def list_images(folder: Path, *, recursive: bool = True) -> list[Path]:
         if entry.is_dir():
             if recursive:
                 found.extend(list_images(entry, recursive=True))
-        elif entry.suffix.lower() in IMAGE_SUFFIXES:
+        elif entry.suffix.lower() in IMAGE_SUFFIXES or (entry.name != "DICOMDIR" and has_dicom_magic(entry)):
             found.append(entry)
     return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
 
@@ -77,7 +79,7 @@ def read_images(source: Path, *, size_hint: int | None = None, recursive: bool =
     else:
         root, files = source, list_images(source, recursive=recursive)
     if not files:
-        raise DataError(f"{source}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) found")
+        raise DataError(f"{source}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}, or DICOM) found")
     return ImageDataset(
         ids=[f.relative_to(root).as_posix() for f in files],
         labels=None,

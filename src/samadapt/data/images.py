@@ -1,7 +1,8 @@
 """Read one 2D image file as a uint8 array: ``HxW`` (grey) or ``HxWx3`` (RGB).
 
 Every reader in samadapt goes through `read_image`, so one set of rules decides what the encoders see.
-Supported: PNG, JPEG, TIFF, BMP (Pillow; TIFFs Pillow cannot decode go to tifffile) and DICOM (pydicom).
+Supported: PNG, JPEG, TIFF, BMP (Pillow; TIFFs Pillow cannot decode go to tifffile) and DICOM (pydicom;
+recognised by a ``.dcm``/``.dicom`` suffix or, whatever the file is called, by its ``DICM`` magic bytes).
 
 Conversion rules
 - 8-bit grey stays ``HxW`` and 8-bit colour stays ``HxWx3``: no resizing, no colour change.
@@ -170,12 +171,22 @@ def _read_tifffile(path: Path) -> np.ndarray:
     return to_uint8(array, source=path)
 
 
+def has_dicom_magic(path: Path) -> bool:
+    """True for a DICOM Part 10 file (``DICM`` after the 128-byte preamble), whatever its name.
+
+    DICOM exports often have no suffix (``IM0001``) or a UID-like one (``1.2.840...5``), so folder readers use
+    this for files whose suffix is not an image suffix. Unreadable files are simply not DICOM here.
+    """
+    try:
+        with path.open("rb") as handle:
+            handle.seek(128)
+            return handle.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
 def _is_dicom(path: Path) -> bool:
-    if path.suffix.lower() in DICOM_SUFFIXES:
-        return True
-    with path.open("rb") as handle:
-        handle.seek(128)
-        return handle.read(4) == b"DICM"
+    return path.suffix.lower() in DICOM_SUFFIXES or has_dicom_magic(path)
 
 
 def _read_dicom(path: Path) -> np.ndarray:

@@ -46,9 +46,10 @@ def manifest_csvs(folder: Path) -> list[Path]:
     found = []
     for csv_path in sorted(folder.glob("*.csv")):
         try:
-            with csv_path.open(encoding="utf-8-sig") as handle:
-                header = [name.strip().lower() for name in handle.readline().split(",")]
-        except (OSError, UnicodeDecodeError):
+            with csv_path.open(newline="", encoding="utf-8-sig") as handle:
+                # The csv module, as read_csv_rows uses: a quoted header ("path","label") must be found too.
+                header = [name.strip().lower() for name in next(csv.reader(handle), [])]
+        except (OSError, UnicodeDecodeError, csv.Error):
             continue
         if "path" in header:
             found.append(csv_path)

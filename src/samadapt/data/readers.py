@@ -2,7 +2,8 @@
 
 Detection (``format=None``), first match wins:
 - ``.npz`` file -> "medmnist"; ``.csv`` file -> "isic" when its header is image_id,melanoma,
-  seborrheic_keratosis, else "manifest" (path,label[,split]); an image file -> "images" (one image);
+  seborrheic_keratosis, else "manifest" (path,label[,split]); an image file (or a DICOM file of any
+  name) -> "images" (one image);
 - folder holding an ISIC ground-truth CSV -> "isic"; holding exactly one CSV with a ``path`` column ->
   "manifest";
 - folder with train/val/test subfolders, or with class subfolders of images and no images of its
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from samadapt.data.dataset import ImageDataset
 from samadapt.data.folders import looks_like_image_folder, read_image_folder, read_images
-from samadapt.data.images import IMAGE_SUFFIXES
+from samadapt.data.images import IMAGE_SUFFIXES, has_dicom_magic
 from samadapt.data.isic import is_isic_csv, isic_csvs, read_isic
 from samadapt.data.manifest import manifest_csvs, read_manifest
 from samadapt.data.medmnist import read_medmnist
@@ -50,7 +51,7 @@ def detect_format(source: Path) -> str:
             return "medmnist"
         if suffix == ".csv":
             return "isic" if is_isic_csv(source) else "manifest"
-        if suffix in IMAGE_SUFFIXES:
+        if suffix in IMAGE_SUFFIXES or has_dicom_magic(source):
             return "images"
         raise DataError(f"{source}: cannot tell the dataset format from suffix {suffix!r}; pass format=")
     if isic_csvs(source):

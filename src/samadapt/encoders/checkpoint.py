@@ -54,22 +54,38 @@ def _read_raw(path: Path) -> object:
             return load_file(str(path), device="cpu")
         except Exception as exc:  # safetensors raises its own SafetensorError (a plain Exception subclass)
             raise CheckpointError(f"checkpoint {path}: not a readable safetensors file ({exc})") from None
+    if head.startswith(b"PK\x03\x04") and not zipfile.is_zipfile(path):
+        # torch.save's zip container without its central directory (at the end): the file was cut short.
+        raise CheckpointError(
+            f"checkpoint {path}: truncated or corrupt ({size} bytes; the download may be incomplete)"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else "unsupported pickle content"
-        if "Weights only load failed" in str(exc) or "Unsupported global" in str(exc):
+        text = str(exc)
+        if "GLOBAL" in text or "Unsupported global" in text:
             raise CheckpointError(
                 f"checkpoint {path}: refused, it contains pickled Python objects other than tensors "
                 "(samadapt never executes code from a checkpoint; re-save it as a plain state dict or safetensors)"
             ) from None
-        raise CheckpointError(f"checkpoint {path}: not a PyTorch checkpoint ({reason})") from None
+        if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+            # A bare pickle stream (pickle.dump, not torch.save) with opcodes the safe loader does not take.
+            raise CheckpointError(
+                f"checkpoint {path}: refused, it is a plain Python pickle, not a torch.save or safetensors file "
+                "(samadapt never unpickles arbitrary objects; re-save it with torch.save or safetensors)"
+            ) from None
+        raise CheckpointError(
+            f"checkpoint {path}: not a PyTorch checkpoint (unrecognised content; expected a torch.save "
+            ".pth/.pt file or a .safetensors file)"
+        ) from None
     except Exception as exc:  # torch.load raises many types on garbage: all mean "not a checkpoint"
         text = str(exc) or type(exc).__name__
         if "failed finding central directory" in text or "EOF" in text or isinstance(exc, EOFError):
             raise CheckpointError(
                 f"checkpoint {path}: truncated or corrupt ({size} bytes; the download may be incomplete)"
             ) from None
+        if isinstance(exc, KeyError | IndexError):  # a bare byte value: meaningless to a user
+            text = "unrecognised content; expected a torch.save .pth/.pt file or a .safetensors file"
         raise CheckpointError(
             f"checkpoint {path}: not a PyTorch checkpoint ({text.splitlines()[0][:200]})"
         ) from None
@@ -122,7 +138,7 @@ def describe_contents(state: dict[str, torch.Tensor]) -> str:
         prefix = sam_key[: -len("patch_embed.proj.weight")]
         dim = state[sam_key].shape[0]
         depth = len(_block_ids(state, prefix))
-        name = {768: "vit_b", 1024: "vit_l", 1280: "vit_h"}.get(dim, f"ViT (embed dim {dim})")
+        name = {768: "vit_b", 1024: "vit_l", 1280: "vit_h"}.get(dim, "ViT")
         return f"a SAM {name} image encoder (embed dim {dim}, {depth} blocks)"
     if "image_encoder.trunk.patch_embed.proj.weight" in state:
         dim = state["image_encoder.trunk.patch_embed.proj.weight"].shape[0]
