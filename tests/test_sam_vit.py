@@ -111,6 +111,10 @@ def test_bad_layers_and_input_size_raise() -> None:
     ours = SamViTEncoder(**TINY, img_size=256)
     with pytest.raises(ConfigError, match="out of range"):
         ours(torch.zeros(1, 3, 256, 256), layers=[4])
+    with pytest.raises(ConfigError, match="block indices.*'foo'"):
+        ours(torch.zeros(1, 3, 256, 256), layers=["foo"])
+    with torch.no_grad():  # the store names layers by their decimal strings
+        assert set(ours(torch.zeros(1, 3, 256, 256), layers=["1"])[1]) == {1}
     with pytest.raises(ConfigError, match="256x256"):
         ours(torch.zeros(1, 3, 512, 512))
 

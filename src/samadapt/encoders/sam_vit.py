@@ -78,13 +78,15 @@ class SamViTEncoder(nn.Module):
         )
         self.register_load_state_dict_pre_hook(_resize_on_load)
 
-    def forward(self, x: Tensor, layers: Sequence[int] | None = None) -> tuple[Tensor, dict[int, Tensor]]:
+    def forward(
+        self, x: Tensor, layers: Sequence[int | str] | None = None
+    ) -> tuple[Tensor, dict[int, Tensor]]:
         """x: [B, 3, S, S] preprocessed images, in the parameters' dtype.
 
         Returns the neck output [B, out_chans, S/16, S/16] and ``{i: output of block i as [B, C, S/16, S/16]}``
         for each requested block index, contiguous, in the input's dtype.
         """
-        wanted = set(layers or ())
+        wanted = {_block_index(i) for i in layers or ()}
         bad = sorted(i for i in wanted if not 0 <= i < len(self.blocks))
         if bad:
             raise ConfigError(
@@ -115,6 +117,15 @@ class SamViTEncoder(nn.Module):
             patch_size=self.patch_size,
             global_attn_indexes=self.global_attn_indexes,
         )
+
+
+def _block_index(layer: int | str) -> int:
+    """A block index given as an int or as its decimal string (the store's output names are strings)."""
+    if isinstance(layer, int) and not isinstance(layer, bool):
+        return layer
+    if isinstance(layer, str) and layer.strip().lstrip("-").isdigit():
+        return int(layer)
+    raise ConfigError(f"SAM ViT layers are block indices (integers); got {layer!r}")
 
 
 class _PatchEmbed(nn.Module):
