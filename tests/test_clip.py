@@ -90,3 +90,34 @@ def test_mismatched_and_missing_files_name_the_problem(tiny, tmp_path):
     torch.save({"image_encoder.patch_embed.proj.weight": torch.zeros(1)}, sam_like)
     with pytest.raises(CheckpointError, match="no CLIP image tower"):
         load_clip(str(config), sam_like)
+
+
+def test_openai_torchscript_archive_loads_with_quick_gelu(tmp_path):
+    """OpenAI's release files are TorchScript archives holding input_resolution/context_length/vocab_size."""
+    config, checkpoint = write_tiny_clip(tmp_path, openai_format=True)
+    ref = _reference(checkpoint, quick_gelu=True)
+    extra = torch.load(checkpoint, weights_only=True)
+    for key in ("input_resolution", "context_length", "vocab_size"):
+        if hasattr(ref, key):
+            delattr(ref, key)
+        ref.register_buffer(key, extra[key])
+    x = torch.randn(1, 3, 64, 64)
+    archive = tmp_path / "jit" / "ViT-tiny.pt"
+    archive.parent.mkdir()
+    torch.jit.trace_module(ref, {"encode_image": (x,)}, check_trace=False).save(str(archive))
+    clip = load_clip(str(config), archive)
+    assert clip.quick_gelu
+    with torch.no_grad():
+        torch.testing.assert_close(clip.model.encode_image(x), ref.encode_image(x))
+
+
+def test_converted_openai_weights_are_recognised_by_their_folder(tiny, tmp_path):
+    """Hugging Face copies of OpenAI weights keep 'openai' only in the repository folder name."""
+    config, checkpoint = tiny
+    folder = tmp_path / "models--timm--vit_base_patch16_clip_224.openai" / "snapshots" / "abc123"
+    folder.mkdir(parents=True)
+    converted = folder / "open_clip_pytorch_model.bin"
+    converted.write_bytes(checkpoint.read_bytes())
+    assert load_clip(str(config), converted).quick_gelu
+    assert not load_clip(str(config), converted, quick_gelu=False).quick_gelu
+    assert not load_clip(str(config), checkpoint).quick_gelu

@@ -100,3 +100,26 @@ def test_focus_map_drops_background_masks_and_follows_center_crop():
         and bias[0, 0, 2] == -2.0
         and (bias[:, 1:] == 0).all()
     )
+
+
+def test_bias_survives_open_clip_gradient_checkpointing(clip):
+    """With grad checkpointing open_clip passes attn_mask positionally; the focus bias must still apply."""
+    import copy
+
+    visual = copy.deepcopy(clip.model.visual)
+    images = torch.randn(2, 3, 64, 64)
+    grids = torch.zeros(2, clip.patch_grid**2)
+    grids[:, :4] = 1.0
+    hooks = FocusAttention(visual, strength=3.0)
+    try:
+        hooks.set(grids)
+        with torch.no_grad():
+            plain_path = visual(images)
+            visual.set_grad_checkpointing(True)
+            checkpointed = visual(images)
+    finally:
+        hooks.remove()
+    with torch.no_grad():
+        unbiased = visual(images)
+    torch.testing.assert_close(checkpointed, plain_path)
+    assert not torch.allclose(checkpointed, unbiased)

@@ -92,3 +92,31 @@ def test_coop_refuses_prompts_longer_than_the_context(tiny_clip):
 
     with pytest.raises(ConfigError, match="context length"):
         CoOpHead(tiny_clip, ["a very long class name " * 3], n_ctx=16, scale=1.0)
+
+
+def test_coop_recipe_is_sgd_with_constant_warmup():
+    """CoOp (Zhou et al. 2022): SGD, lr 0.002, cosine, first epoch at a constant 1e-5."""
+    from samadapt.errors import ConfigError
+    from samadapt.tasks.fewshot.methods import FewShotOptions, _coop_optimizer
+    from samadapt.tasks.fewshot.optimize import train_module
+
+    recipe = _coop_optimizer(FewShotOptions())
+    assert recipe["optimizer"] == "sgd" and recipe["warmup_epochs"] == 1 and recipe["warmup_lr"] == 1e-5
+    x = torch.randn(16, 4)
+    y = (x[:, 0] > 0).long().numpy()
+
+    def moved(**kwargs):
+        torch.manual_seed(0)
+        head = torch.nn.Linear(4, 2)
+        start = head.weight.detach().clone()
+        train_module(
+            head, lambda m, f: m(f), train=(x,), train_y=y, val=(x,), val_y=y, params=list(head.parameters()),
+            epochs=1, lr=2e-3, batch_size=16, patience=5, monitor="accuracy", seed=0, progress=False, **kwargs,
+        )  # fmt: skip
+        return float((head.weight.detach() - start).abs().max())
+
+    warm = moved(optimizer="sgd", momentum=0.9, weight_decay=0.0, warmup_epochs=1, warmup_lr=1e-5)
+    cold = moved(optimizer="sgd", momentum=0.9, weight_decay=0.0)
+    assert 0 < warm < cold / 100  # the warmup epoch runs at 1e-5 instead of 2e-3
+    with pytest.raises(ConfigError, match="coop-optimizer"):
+        _coop_optimizer(FewShotOptions(coop_optimizer="adam"))

@@ -8,8 +8,9 @@ open_clip model config JSON (``{"embed_dim", "vision_cfg", "text_cfg"}``; tests 
 QuickGELU: OpenAI's CLIP weights were trained with QuickGELU, most LAION/DataComp weights with nn.GELU, and the
 weights themselves do not say which. ``quick_gelu=None`` (auto) turns it on when the config name ends in
 ``-quickgelu`` or the config sets it, or when the file is in OpenAI's format (a TorchScript archive, or a state
-dict carrying OpenAI's ``input_resolution``/``context_length``/``vocab_size`` entries, or a file name with
-``openai``); pass True/False to override. The decision is recorded in the run config.
+dict carrying OpenAI's ``input_resolution``/``context_length``/``vocab_size`` entries, or a file or folder
+name with ``openai``, as converted copies such as ``timm/vit_base_patch16_clip_224.openai`` have); pass
+True/False to override. The decision is recorded in the run config.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,13 +156,25 @@ def read_clip_state_dict(path: str | os.PathLike[str]) -> tuple[dict[str, torch.
     p = Path(path).expanduser()
     if p.is_file() and _is_torchscript(p):
         try:
-            module = torch.jit.load(str(p), map_location="cpu")
+            with (
+                warnings.catch_warnings()
+            ):  # torch.jit.load is deprecated in recent torch, still the only reader
+                warnings.simplefilter("ignore", FutureWarning)
+                module = torch.jit.load(str(p), map_location="cpu")
         except RuntimeError as exc:
             raise CheckpointError(f"CLIP checkpoint {p}: unreadable TorchScript archive ({exc})") from None
-        state = {k: v for k, v in module.state_dict().items() if k not in _OPENAI_EXTRA_KEYS}
+        # the causal text mask may come along as a buffer (-inf above the diagonal): it is not a weight
+        state = {
+            k: v
+            for k, v in module.state_dict().items()
+            if k not in _OPENAI_EXTRA_KEYS and k.rsplit(".", 1)[-1] != "attn_mask"
+        }
         return state, True
     state = load_state_dict_safely(p)
-    openai = any(k in state for k in _OPENAI_EXTRA_KEYS) or "openai" in p.name.lower()
+    # converted OpenAI weights keep the release name in the file or a near folder (e.g. the Hugging Face cache
+    # models--timm--vit_base_patch16_clip_224.openai/snapshots/<hash>/open_clip_pytorch_model.bin)
+    named_openai = any("openai" in part.lower() for part in p.parts[-4:])
+    openai = any(k in state for k in _OPENAI_EXTRA_KEYS) or named_openai
     return {k: v for k, v in state.items() if k not in _OPENAI_EXTRA_KEYS}, openai
 
 

@@ -104,7 +104,12 @@ class FocusAttention:
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if self._bias is not None:
             x = args[0] if args else kwargs["q_x"]
-            kwargs = {**kwargs, "attn_mask": self._bias.to(dtype=x.dtype, device=x.device)}
+            bias = self._bias.to(dtype=x.dtype, device=x.device)
+            # open_clip's gradient checkpointing passes (x, k_x, v_x, attn_mask) positionally
+            if len(args) >= 4:
+                args = (*args[:3], bias, *args[4:])
+            else:
+                kwargs = {**kwargs, "attn_mask": bias}
         return args, kwargs
 
     def remove(self) -> None:

@@ -29,6 +29,13 @@ def _bool_or_none(value: str) -> bool | None:
     return table[str(value).lower()]
 
 
+def _on_off(value: str) -> bool:
+    flag = _bool_or_none(value)
+    if flag is None:
+        raise argparse.ArgumentTypeError(f"expected on or off, got {value!r}")
+    return flag
+
+
 def _add_common(parser: argparse.ArgumentParser, *, sweep: bool) -> None:
     from samadapt.tasks.fewshot.methods import METHODS, FewShotOptions
     from samadapt.tasks.fewshot.overlay import OverlayStyle
@@ -108,6 +115,12 @@ def _add_common(parser: argparse.ArgumentParser, *, sweep: bool) -> None:
     parser.add_argument("--coop-n-ctx", type=int, default=d.coop_n_ctx)
     parser.add_argument("--coop-epochs", type=int, default=d.coop_epochs)
     parser.add_argument("--coop-lr", type=float, default=d.coop_lr)
+    parser.add_argument(
+        "--coop-optimizer",
+        default=d.coop_optimizer,
+        choices=("sgd", "adamw"),
+        help="sgd: CoOp's recipe (momentum 0.9, wd 5e-4, 1 warmup epoch at 1e-5); adamw: no warmup",
+    )
     parser.add_argument("--tip-alpha", type=float, default=d.tip_alpha)
     parser.add_argument("--tip-beta", type=float, default=d.tip_beta)
     parser.add_argument("--tip-epochs", type=int, default=d.tip_epochs)
@@ -127,7 +140,7 @@ def _add_common(parser: argparse.ArgumentParser, *, sweep: bool) -> None:
         "--overlay-palette", default=o.palette, help="matplotlib colormap or comma-separated colours"
     )
     parser.add_argument("--overlay-alpha", type=float, default=o.alpha)
-    parser.add_argument("--overlay-outline", type=_bool_or_none, default=o.outline, metavar="{on,off}")
+    parser.add_argument("--overlay-outline", type=_on_off, default=o.outline, metavar="{on,off}")
     parser.add_argument("--overlay-outline-color", default=o.outline_color)
     parser.add_argument("--overlay-outline-width", type=int, default=o.outline_width)
     parser.add_argument("--device", default="cpu")
@@ -148,8 +161,8 @@ def config_from_args(args: argparse.Namespace):
         prompt_template=args.prompt_template, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
         batch_size=args.batch_size, patience=args.patience, monitor=args.monitor,
         trainable_blocks=args.trainable_blocks, coop_n_ctx=args.coop_n_ctx, coop_epochs=args.coop_epochs,
-        coop_lr=args.coop_lr, tip_alpha=args.tip_alpha, tip_beta=args.tip_beta, tip_epochs=args.tip_epochs,
-        tip_lr=args.tip_lr, attn_strength=args.attn_strength,
+        coop_lr=args.coop_lr, coop_optimizer=args.coop_optimizer, tip_alpha=args.tip_alpha,
+        tip_beta=args.tip_beta, tip_epochs=args.tip_epochs, tip_lr=args.tip_lr, attn_strength=args.attn_strength,
         attn_layers=_csv(args.attn_layers, int) if args.attn_layers else None, attn_rows=args.attn_rows,
         max_area_fraction=args.max_area_fraction,
         overlay=OverlayStyle(palette=args.overlay_palette, alpha=args.overlay_alpha,

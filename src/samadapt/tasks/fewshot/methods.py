@@ -6,7 +6,7 @@
 | clip-finetune  | plain    | CLIP image tower                       | scale * cos(f, class prompts)           |
 | zero-shot      | plain    | nothing                                | scale * cos(f, class prompts)           |
 | linear-probe   | plain    | logistic regression on frozen features | f W^T + b                               |
-| coop           | plain    | prompt context vectors                 | scale * cos(f, text(ctx, class))        |
+| coop           | plain    | prompt context vectors (SGD, as CoOp)  | scale * cos(f, text(ctx, class))        |
 | tip-adapter    | plain    | nothing (cache of training features)   | 100 f W_c^T + a exp(-b(1 - f F^T)) L    |
 | tip-adapter-f  | plain    | cache keys                             | as tip-adapter                          |
 `scale` is the checkpoint's own logit scale (exp(logit_scale)).
@@ -69,6 +69,7 @@ class FewShotOptions:
     coop_n_ctx: int = 16
     coop_epochs: int = 50
     coop_lr: float = 2e-3
+    coop_optimizer: str = "sgd"  # CoOp paper: SGD (momentum 0.9, wd 5e-4), cosine, 1 warmup epoch at 1e-5
     tip_alpha: float = 1.0
     tip_beta: float = 5.5
     tip_epochs: int = 20
@@ -160,6 +161,23 @@ def build_model(
     return ClipClassifier(visual, head, focus=focus).to(next(clip.model.parameters()).device)
 
 
+def _coop_optimizer(options: FewShotOptions) -> dict[str, Any]:
+    """CoOp's published recipe (Zhou et al. 2022; Dassl configs): SGD, momentum 0.9, weight decay 5e-4,
+    cosine decay, the first epoch at a constant 1e-5 against early gradient explosions. "adamw" is the
+    recipe without warmup or weight decay."""
+    if options.coop_optimizer == "sgd":
+        return {
+            "optimizer": "sgd",
+            "momentum": 0.9,
+            "weight_decay": 5e-4,
+            "warmup_epochs": 1,
+            "warmup_lr": 1e-5,
+        }
+    if options.coop_optimizer == "adamw":
+        return {"optimizer": "adamw", "weight_decay": 0.0}
+    raise ConfigError(f"--coop-optimizer must be 'sgd' or 'adamw', got {options.coop_optimizer!r}")
+
+
 def _feature_dim(clip: ClipModel) -> int:
     return int(clip.model_cfg["embed_dim"])
 
@@ -231,8 +249,8 @@ def fit_method(
         info["trainable_parameters"] = model.head.ctx.numel()
         result = train_module(
             model.head, head_forward, train=(train_f,), val=(val_f,), params=[model.head.ctx],
-            epochs=options.coop_epochs, lr=options.coop_lr, weight_decay=0.0, batch_size=options.batch_size,
-            desc=method, progress=options.progress, **common,
+            epochs=options.coop_epochs, lr=options.coop_lr, batch_size=options.batch_size, desc=method,
+            progress=options.progress, **_coop_optimizer(options), **common,
         )  # fmt: skip
         history, info["best_epoch"] = result.history, result.best_epoch
     else:  # Tip-Adapter: the cache is the few-shot training set

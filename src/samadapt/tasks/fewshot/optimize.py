@@ -7,6 +7,7 @@ history format.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from samadapt.errors import ConfigError
 from samadapt.evaluation.classification import classification_metrics
 from samadapt.training.early_stopping import EarlyStopping
 from samadapt.training.loop import FitResult, fit
@@ -55,10 +57,16 @@ def train_module(
     monitor: str,
     seed: int,
     eps: float = 1e-8,
+    optimizer: str = "adamw",
+    momentum: float = 0.9,
+    warmup_epochs: int = 0,
+    warmup_lr: float = 1e-5,
     desc: str = "train",
     progress: bool = True,
 ) -> FitResult:
-    """AdamW + cosine schedule, cross-entropy, early stopping on `monitor` of the validation set."""
+    """AdamW (or SGD with momentum) + cosine schedule, cross-entropy, early stopping on `monitor` of the
+    validation set. With `warmup_epochs`, the learning rate is held at `warmup_lr` for those epochs before the
+    cosine decay from `lr` starts (CoOp's constant warmup)."""
     generator = torch.Generator().manual_seed(seed)
     labels = torch.as_tensor(train_y, dtype=torch.long)
     loader = DataLoader(
@@ -67,8 +75,23 @@ def train_module(
         shuffle=True,
         generator=generator,
     )
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, eps=eps)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
+    if optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, eps=eps)
+    elif optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    else:
+        raise ConfigError(f"unknown optimizer {optimizer!r}; use 'adamw' or 'sgd'")
+    if warmup_epochs > 0:
+        cosine_epochs = max(epochs - warmup_epochs, 1)
+
+        def factor(epoch: int) -> float:
+            if epoch < warmup_epochs:
+                return warmup_lr / lr
+            return 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup_epochs) / cosine_epochs))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    else:
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1))
 
     def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         *xs, y = batch
@@ -88,7 +111,7 @@ def train_module(
         train_loader=loader,
         loss_fn=loss_fn,
         validate=validate,
-        optimizer=optimizer,
+        optimizer=opt,
         epochs=epochs,
         stopper=EarlyStopping(monitor=monitor, mode=mode, patience=patience),
         scheduler=scheduler,

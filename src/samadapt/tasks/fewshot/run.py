@@ -22,7 +22,13 @@ from samadapt.errors import ConfigError, DataError
 from samadapt.evaluation.classification import classification_metrics
 from samadapt.tasks.fewshot.heads import learned_state
 from samadapt.tasks.fewshot.inputs import Inputs, prepare_one
-from samadapt.tasks.fewshot.methods import FewShotOptions, evaluate_probs, fit_method, get_method
+from samadapt.tasks.fewshot.methods import (
+    FewShotOptions,
+    class_prompts,
+    evaluate_probs,
+    fit_method,
+    get_method,
+)
 from samadapt.tasks.fewshot.outputs import plot_overlay_gallery, write_run_outputs
 from samadapt.tasks.fewshot.overlay import render_overlay
 from samadapt.training.config import save_run_config
@@ -109,6 +115,11 @@ def load_resources(cfg: FewShotConfig, *, methods: list[str], out: Path) -> Reso
         raise ConfigError(
             f"--class-names gives {len(class_names)} names; {cfg.data} has {dataset.num_classes} classes"
         )
+    if not cfg.class_names and all(name.strip().isdigit() for name in class_names):
+        log.warning(
+            "class names of %s are numbers (%s): prompts read like %r; pass --class-names for real prompts",
+            cfg.data, ", ".join(class_names), class_prompts(cfg.options.prompt_template, class_names[:1])[0],
+        )  # fmt: skip
     if cfg.clip_checkpoint is None:
         log.warning("no --clip-checkpoint: CLIP has RANDOM weights (tests only; results are meaningless)")
     clip = load_clip(cfg.clip, cfg.clip_checkpoint, quick_gelu=cfg.quick_gelu, device=cfg.device)
