@@ -124,3 +124,33 @@ def test_too_many_train_volumes_is_a_one_line_error(acdc, tmp_path, capsys):
                "--out", str(tmp_path / "r")])  # fmt: skip
     assert rc == 2
     assert "--train-volumes must be between 1 and 4" in capsys.readouterr().err
+
+
+def test_online_encoder_takes_volumes_of_different_in_plane_sizes(tmp_path):
+    # Real ACDC patients differ in in-plane size (e.g. 216 x 256, 256 x 232): raw slices cannot be stacked.
+    data = write_acdc_like(tmp_path / "data", patients=5, shape=(40, 36, 2))
+    write_acdc_like(tmp_path / "other", patients=3, shape=(30, 44, 2), seed=1)
+    for pid in ("patient001", "patient003"):
+        for f in (tmp_path / "data" / pid).iterdir():
+            f.unlink()
+        for f in (tmp_path / "other" / pid).iterdir():
+            (data / pid / f.name).write_bytes(f.read_bytes())
+    run = tmp_path / "run"
+    rc = main(["train", "--task", "segment", "--data", str(data), "--head", "linear", *TINY, "--epochs", "1",
+               "--batch-size", "16", "--aug-views", "1", "--online-encoder", "--store", str(tmp_path / "store"),
+               "--out", str(run)])  # fmt: skip
+    assert rc == 0
+    train = set(json.loads((run / "splits.json").read_text())["train_used"])
+    other = {"patient001", "patient003"}
+    assert train & other and train - other  # one batch of 12 slices holds both sizes
+    assert json.loads((run / "metrics.json").read_text())["train_slices"] == 12
+
+
+def test_sweep_runs_from_flags_alone(acdc, tmp_path):
+    out = tmp_path / "sweep"
+    rc = main(["sweep", "--task", "segment", "--data", str(acdc), "--heads", "linear", "--train-volumes", "1,9",
+               *TINY, "--epochs", "1", "--aug-views", "0", "--store", str(tmp_path / "store"), "--out", str(out)])  # fmt: skip
+    assert rc == 0
+    with open(out / "results.csv") as fh:  # 9 > the 4 training patients: skipped, the sweep goes on
+        assert [(r["head"], r["train_volumes"]) for r in csv.DictReader(fh)] == [("linear", "1")]
+    assert (out / "results.md").is_file() and (out / "dice.png").is_file()

@@ -89,7 +89,7 @@ def train(args: argparse.Namespace) -> int:
 
 def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--config", type=Path, required=True, help="YAML (task: segment) with the flags below"
+        "--config", type=Path, default=None, help="YAML (task: segment) with the flags below (optional)"
     )
     _add_common(parser)
     parser.add_argument("--heads", type=_names, default=["autosam", "cnn", "linear", "unet"])

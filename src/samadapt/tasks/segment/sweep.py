@@ -1,7 +1,8 @@
 """Label-efficiency sweep: training patients (1, 2, 5, all) x heads x seeds, one run folder each.
 
-Resumable: a run whose metrics.json exists is read back, not retrained. All runs share one embedding store
-(default SWEEP/store), so every slice is encoded once for all heads and subset sizes.
+Resumable: a run whose metrics.json exists is read back, not retrained. A size above the split's training
+patients (5 on a small dataset) is skipped with a warning instead of stopping the sweep. All runs share one
+embedding store (default SWEEP/store), so every slice is encoded once for all heads and subset sizes.
 Writes results.csv (one row per run), results.md (mean +- std per head and size), dice.png and hd95.png.
 """
 
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from samadapt.errors import ConfigError
-from samadapt.tasks.segment.train import run_segmentation
+from samadapt.tasks.segment.train import run_segmentation, training_patients
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,14 @@ def run_sweep(
         train_kwargs["store"] = out / "store"
     rows: list[dict[str, Any]] = []
     for seed in seeds:
+        available = len(training_patients(train_kwargs["data"], seed=seed, splits_file=train_kwargs.get("splits_file"),
+                                          label_names=train_kwargs.get("label_names")))  # fmt: skip
         for size in train_volumes:
             n = _size(size)
+            if n is not None and n > available:
+                log.warning("train-volumes %d skipped: the split (seed %d) has %d training patients", n, seed,
+                            available)  # fmt: skip
+                continue
             for head in heads:
                 run = out / "runs" / f"{head}_tv{size}_seed{seed}"
                 if (run / "metrics.json").is_file():

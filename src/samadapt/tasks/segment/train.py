@@ -61,6 +61,11 @@ def _logits_at(head: torch.nn.Module, x: torch.Tensor, size: int) -> torch.Tenso
     return logits
 
 
+def _collate_online(items: list[tuple[Any, torch.Tensor]]) -> tuple[list[np.ndarray], torch.Tensor]:
+    """Online encoding: keep the raw square slices as a list (volumes differ in size), stack the targets."""
+    return [x.numpy() for x, _ in items], torch.stack([y for _, y in items])
+
+
 class TrainSlices(Dataset):
     """One item per training slice: (head input, target at the loss grid), drawn as described in slices.py."""
 
@@ -104,6 +109,20 @@ def _resolve_splits(dataset: VolumeDataset, *, seed: int, splits_file: Path | No
     if auto.is_file():
         return read_splits_file(auto, dataset)
     return split_patients(dataset.patients, seed=seed)
+
+
+def training_patients(
+    data: str | Path,
+    *,
+    seed: int,
+    splits_file: str | Path | None = None,
+    label_names: list[str] | None = None,
+) -> list[str]:
+    """The training patients `run_segmentation` draws `--train-volumes` from, for this data and seed."""
+    dataset = read_volumes(data, label_names=label_names)
+    return _resolve_splits(dataset, seed=seed, splits_file=Path(splits_file) if splits_file else None)[
+        "train"
+    ]
 
 
 def run_segmentation(
@@ -217,7 +236,7 @@ def run_segmentation(
     def loss_fn(module: torch.nn.Module, batch: tuple[Any, torch.Tensor]) -> torch.Tensor:
         x, y = batch
         if head in EMBEDDING_HEADS and online_encoder:
-            x = enc.embed(list(x.numpy()), batch_size=len(x))
+            x = enc.embed(list(x), batch_size=len(x))  # uint8 squares; sides differ between volumes
         return loss(_logits_at(module, x, grid), y[:, None].long())
 
     val_targets = torch.stack([resize_label(lab, grid) for lab in val.labels]).long()
@@ -239,7 +258,14 @@ def run_segmentation(
         return {"loss": sum(losses) / max(1, len(val)), "dice": float(np.mean(dice)) if dice else 0.0}
 
     generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=generator, drop_last=False)
+    loader = DataLoader(
+        train_set,
+        batch_size=batch_size,
+        shuffle=True,
+        generator=generator,
+        drop_last=False,
+        collate_fn=_collate_online if train_set.mode == "online" else None,
+    )
     optimizer = torch.optim.Adam((p for p in model.parameters() if p.requires_grad), lr=lr)
     result = fit(
         model=model,
