@@ -73,11 +73,16 @@ def test_predict_writes_csv_and_overlays(slca_run, tmp_path, real_images):
             assert im.size == (image.shape[1], image.shape[0])
 
 
-def test_training_is_deterministic_and_config_file_works(lesions, tmp_path):
+@pytest.mark.parametrize(
+    ("method", "extra"), [("baseline", ""), ("slca", "slca-window: 2\nsam-feature: 1\n")]
+)
+def test_training_is_deterministic_and_config_file_works(lesions, tmp_path, method, extra):
+    """Same seed, same weights and metrics (slca: SAM embedded afresh per run, from an intermediate block,
+    flips applied to image and SAM grid)."""
     config = tmp_path / "cfg.yaml"
     config.write_text(
-        f"task: classify\ndata: {lesions}\nmethod: baseline\nbackbone: resnet18\nimage-size: 32\nepochs: 2\n"
-        "batch_size: 16\nlabel_fraction: 0.3\n"
+        f"task: classify\ndata: {lesions}\nmethod: {method}\nbackbone: resnet18\nimage-size: 32\nepochs: 2\n"
+        f"batch_size: 16\nlabel_fraction: 0.3\n{extra}"
     )
     for name in ("a", "b"):
         assert main(["train", "--config", str(config), *TINY, "--out", str(tmp_path / name)]) == 0
@@ -87,7 +92,9 @@ def test_training_is_deterministic_and_config_file_works(lesions, tmp_path):
     )
     assert wa.keys() == wb.keys() and all(np.array_equal(wa[k].numpy(), wb[k].numpy()) for k in wa)
     metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
-    assert metrics["method"] == "baseline" and metrics["n_train"] == 30
+    assert metrics["method"] == method and metrics["n_train"] == 30
+    assert metrics["test"] == json.loads((tmp_path / "b" / "metrics.json").read_text())["test"]
+    assert any(k.startswith("slca.") for k in wa) == (method == "slca")
 
 
 def test_sweep_table_plot_and_resume(lesions, tmp_path):
@@ -140,12 +147,15 @@ def test_bad_flags_raise_one_line_errors(lesions, tmp_path, capsys):
 
 
 def test_ddp_two_cpu_processes(lesions, tmp_path):
-    """torchrun with 2 processes on gloo: the loop syncs gradients and only rank 0 writes the run."""
+    """torchrun with 2 processes on gloo: the loop syncs gradients and only rank 0 writes the run.
+
+    50 labels -> 25 per rank, batch 12: a last per-rank batch of one sample is dropped (BatchNorm on the 1x1
+    layer4 grid at 32 px cannot train on it)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
         "-m", "samadapt", "train", "--task", "classify", "--data", str(lesions), "--method", "slca",
-        "--backbone", "resnet18", *TINY, "--image-size", "32", "--epochs", "2", "--batch-size", "16",
+        "--backbone", "resnet18", *TINY, "--image-size", "32", "--epochs", "2", "--batch-size", "12",
         "--slca-window", "2", "--label-fraction", "0.5", "--out", str(tmp_path / "ddp"),
     ]  # fmt: skip
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

@@ -21,7 +21,8 @@ from samadapt.tasks.classify.train import build_model
 
 FAMILIES = [
     "resnet18",
-    "legacy_seresnet18",  # squeeze-excitation family
+    "legacy_seresnet18",  # squeeze-excitation family (timm's SENet class, as legacy_senet154)
+    "seresnext26d_32x4d",  # squeeze-excitation ResNeXt (timm's ResNet class with SE blocks)
     "densenet121",
     "efficientnet_b0",
     "swinv2_cr_tiny_ns_224",  # Swin-V2 with NCHW stages

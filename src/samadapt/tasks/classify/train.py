@@ -192,9 +192,10 @@ def _train_network(cfg, prepared, idx_train, eval_idx, ctx, progress, *, out: Pa
         return classification_metrics(y_true=prepared.labels[idx_val], probs=probs_of(m, idx_val))
 
     train_set = torch.from_numpy(idx_train)
-    drop_last = (
-        len(idx_train) % cfg.batch_size == 1 and len(idx_train) > 1
-    )  # BatchNorm cannot train on 1 sample
+    # BatchNorm cannot train on a batch of 1: drop a last batch of one sample. Under DDP each rank sees
+    # ceil(n / world) samples (DistributedSampler pads), so the check is on the per-rank count.
+    per_rank = -(-len(idx_train) // ctx.world_size)
+    drop_last = per_rank % cfg.batch_size == 1 and per_rank > 1
     if ctx.enabled:
         sampler = DistributedSampler(
             train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed
