@@ -44,14 +44,42 @@ def test_task_command_without_task_is_a_one_line_error(capsys):
     assert err == "samadapt: error: samadapt train: say which task with --task"
 
 
+def _tiny_npz(path):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split in ("train", "val", "test"):
+        arrays[f"{split}_images"] = rng.integers(0, 256, (2, 28, 28), dtype=np.uint8)
+        arrays[f"{split}_labels"] = rng.integers(0, 2, (2, 1))
+    np.savez(path, **arrays)
+    return path
+
+
 def test_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):
+    data = _tiny_npz(tmp_path / "ok.npz")  # valid data, so the checkpoint is what fails
     code = main(
-        ["embed", "--encoder", "sam_vit_b", "--checkpoint", str(tmp_path / "nope.pth"), "--data", str(tmp_path),
+        ["embed", "--encoder", "sam_vit_b", "--checkpoint", str(tmp_path / "nope.pth"), "--data", str(data),
          "--cache", str(tmp_path / "cache")]
     )  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "nope.pth" in err and "file not found" in err
+
+
+def test_embed_shows_a_progress_bar_and_takes_every_documented_flag(tmp_path, capsys):
+    data = _tiny_npz(tmp_path / "ok.npz")
+    argv = ["embed", "--encoder", "sam_vit_b", "--arch", "tiny", "--data", str(data), "--cache",
+            str(tmp_path / "cache"), "--precision", "bf16", "--image-size", "64", "--batch-size", "2"]  # fmt: skip
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "6/6" in captured.err  # tqdm's bar, on stderr
+    assert "computed 6" in captured.out and "bf16, 64px" in captured.out
+    argv[argv.index("--cache") + 1] = str(tmp_path / "cache2")  # compute again, this time without a bar
+    assert main([*argv, "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "computed 6" in captured.out and "6/6" not in captured.err
 
 
 @pytest.mark.e2e
@@ -62,3 +90,33 @@ def test_demo_quick_runs_all_three_tasks(tmp_path, capsys):
     for report in ("classify/report.html", "segment/results.md", "fewshot/report.html"):
         assert (tmp_path / "demo" / report).is_file(), report
     assert "slca" in (tmp_path / "demo" / "classify" / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("layers", ["foo", "neck", "2,fpn0"])
+def test_embed_layer_names_for_a_sam_vit_are_a_one_line_error(tmp_path, capsys, layers):
+    data = _tiny_npz(tmp_path / "ok.npz")
+    argv = ["embed", "--encoder", "sam_vit_b", "--arch", "tiny", "--data", str(data), "--cache",
+            str(tmp_path / "cache"), "--image-size", "64", "--layers", layers, "--no-progress"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("samadapt: error: --layers: sam_vit_b layers are transformer block indices")
+    assert len(err.splitlines()) == 1
+
+
+def test_a_flag_on_the_command_line_beats_the_config_file_even_at_its_default(tmp_path, monkeypatch):
+    import samadapt.tasks.classify.cli as classify_cli
+    from samadapt.tasks.classify.config import config_from_args
+
+    seen = {}
+
+    def fake_train(args):  # stop before any data is read: what matters is the merged configuration
+        seen["cfg"] = config_from_args(classify_cli._merge(args, classify_cli.add_train_arguments))
+        return 0
+
+    monkeypatch.setattr(classify_cli, "train", fake_train)
+    (tmp_path / "c.yaml").write_text("task: classify\nepochs: 7\nlr: 0.5\nseed: 3\n")
+    default_epochs = classify_cli.ClassifyConfig().epochs
+    argv = ["train", "--config", str(tmp_path / "c.yaml"), "--epochs", str(default_epochs), "--data", "x"]
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 0
+    cfg = seen["cfg"]
+    assert cfg.epochs == default_epochs and cfg.lr == 0.5 and cfg.seed == 3

@@ -27,7 +27,7 @@ from samadapt.reports import (
     write_html_report,
     write_predictions_csv,
 )
-from samadapt.training import EarlyStopping, fit, load_weights, merge_config, save_weights
+from samadapt.training import EarlyStopping, fit, load_weights, merge_config, parse_with_config, save_weights
 
 
 def _png_size(path):
@@ -151,6 +151,22 @@ def test_fit_keeps_best_weights_and_stops_early():
     assert result.history[0]["train_loss"] > 0 and result.history[1]["val_auc"] == 0.9
 
 
+def test_fit_monitoring_the_validation_loss_with_a_progress_bar():
+    # The monitored metric "loss" once collided with the bar's own "loss" field (a TypeError in every epoch).
+    torch.manual_seed(0)
+    x = torch.randn(32, 4)
+    y = (x[:, 0] > 0).long()
+    model = torch.nn.Linear(4, 2)
+    losses = iter([0.9, 0.5, 0.7])
+    result = fit(
+        model=model, train_loader=[torch.arange(0, 32)],
+        loss_fn=lambda m, idx: torch.nn.functional.cross_entropy(m(x[idx]), y[idx]),
+        validate=lambda m: {"loss": next(losses)}, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        epochs=3, stopper=EarlyStopping(monitor="loss", mode="min", patience=5), progress=True,
+    )  # fmt: skip
+    assert result.best_epoch == 1 and result.best_val == {"loss": 0.5}
+
+
 def test_weights_roundtrip_and_config_merge(tmp_path):
     state = {"a": torch.arange(6.0).view(2, 3).t(), "b": torch.ones(2)}  # non-contiguous view
     save_weights(tmp_path / "m.safetensors", state)
@@ -166,6 +182,9 @@ def test_weights_roundtrip_and_config_merge(tmp_path):
     (tmp_path / "c.yaml").write_text("task: classify\nlr: 0.5\nepochs: 7\n")
     args = merge_config(parser, parser.parse_args(["--config", str(tmp_path / "c.yaml"), "--epochs", "9"]))
     assert args.lr == 0.5 and args.epochs == 9  # the command line wins over the file
+    # ... also when the value given equals the flag's default
+    args = parse_with_config(parser, ["--config", str(tmp_path / "c.yaml"), "--lr", "0.1", "--epochs=3"])
+    assert args.lr == 0.1 and args.epochs == 3
     (tmp_path / "typo.yaml").write_text("learning_rate: 0.5\n")
     with pytest.raises(ConfigError, match="typo.yaml.*learning_rate"):
         merge_config(parser, parser.parse_args(["--config", str(tmp_path / "typo.yaml")]))

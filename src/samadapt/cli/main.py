@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import re
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
@@ -22,6 +24,25 @@ TASKS: dict[str, str] = {
     "segment": "samadapt.tasks.segment.cli",
     "fewshot": "samadapt.tasks.fewshot.cli",
 }
+
+
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def one_line(message: object) -> str:
+    """An error message as one terminal line: library texts (torch, pydicom) can span lines or carry colours."""
+    text = _ANSI_ESCAPE.sub("", str(message))
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as `samadapt: warning: ...` lines, without the source line Python echoes (it reads as a crash)."""
+    print(f"samadapt: warning: {one_line(message)}", file=file or sys.stderr)
+
+
+def _error(message: object) -> int:
+    print(f"samadapt: error: {one_line(message)}", file=sys.stderr)
+    return 2
 
 
 def _task_module(task: str) -> ModuleType:
@@ -102,6 +123,9 @@ def _dispatch_task_command(command: str, rest: list[str], debug: bool) -> int:
     parser.add_argument("-v", "--verbose", action="store_true")
     getattr(module, f"add_{command}_arguments")(parser)
     args = parser.parse_args(rest)
+    from samadapt.training.config import mark_explicit  # torch-heavy: not imported for `info`
+
+    mark_explicit(parser, args, rest)
     return int(getattr(module, command)(args) or 0)
 
 
@@ -121,8 +145,11 @@ def _config_value(path: Path, key: str) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    own_process = argv is None  # the console script; in-process callers (tests) keep their warning handlers
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    if own_process and not debug:
+        warnings.showwarning = _show_warning
     logging.basicConfig(
         level=logging.DEBUG if ("-v" in argv or "--verbose" in argv) else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
@@ -153,8 +180,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SamadaptError as exc:
         if debug:
             raise
-        print(f"samadapt: error: {exc}", file=sys.stderr)
-        return 2
+        return _error(exc)
+    except FloatingPointError as exc:
+        # training.loop.fit: a NaN/Inf loss (bad inputs or weights, too high a learning rate)
+        if debug:
+            raise
+        return _error(
+            f"training diverged: {exc}; look for NaN/Inf in the data or weights, or lower --lr "
+            "(--debug shows where)"
+        )
     except KeyboardInterrupt:
         print("samadapt: interrupted", file=sys.stderr)
         return 130

@@ -30,18 +30,38 @@ def load_yaml_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     return {str(key).replace("-", "_"): value for key, value in data.items()}
 
 
+# Namespace attribute listing the destinations given on the command line (set by `mark_explicit`).
+EXPLICIT_ATTR = "_explicit_flags"
+
+
 def parse_with_config(
     parser: argparse.ArgumentParser, argv: list[str] | None, *, config_key: str = "config"
 ) -> argparse.Namespace:
     """Parse `argv`, letting a YAML file named by `--config` supply values for flags not given on the line."""
     args = parser.parse_args(argv)
+    mark_explicit(parser, args, argv)
     return merge_config(parser, args, config_key=config_key)
+
+
+def mark_explicit(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None) -> None:
+    """Record on `args` which flags `argv` gave, so that `--lr 0.1` beats a config file even when 0.1 is the
+    default. Parses `argv` again with every default suppressed: what comes back was on the command line."""
+    saved = [(action, action.default) for action in parser._actions]
+    try:
+        for action, _ in saved:
+            action.default = argparse.SUPPRESS
+        given, _ = parser.parse_known_args(argv)
+    finally:
+        for action, default in saved:
+            action.default = default
+    setattr(args, EXPLICIT_ATTR, frozenset(vars(given)))
 
 
 def merge_config(
     parser: argparse.ArgumentParser, args: argparse.Namespace, *, config_key: str = "config"
 ) -> argparse.Namespace:
-    """Fill `args` from the YAML file in `args.<config_key>` for every flag left at its default.
+    """Fill `args` from the YAML file in `args.<config_key>` for every flag not given on the command line
+    (known when `mark_explicit` ran; otherwise: every flag still at its default).
 
     Unknown keys raise ConfigError (a typo in a config should not be silently ignored); `task` is allowed.
     """
@@ -50,6 +70,7 @@ def merge_config(
         return args
     config = load_yaml_config(path)
     known = {action.dest: action for action in parser._actions}  # argparse keeps no public list
+    explicit = getattr(args, EXPLICIT_ATTR, None)
     for key, value in config.items():
         if key == "task":
             continue
@@ -58,7 +79,7 @@ def merge_config(
                 f"{path}: unknown key {key!r}; known keys: {', '.join(sorted(k for k in known if k != 'help'))}"
             )
         action = known[key]
-        if getattr(args, key) == action.default:
+        if (key not in explicit) if explicit is not None else (getattr(args, key) == action.default):
             setattr(args, key, _typed_value(path, key, value, action))
     return args
 

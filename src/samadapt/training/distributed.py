@@ -62,7 +62,8 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 def mean_across_ranks(value: float, ctx: DistContext) -> float:
     if not ctx.enabled:
         return value
-    tensor = torch.tensor([value], dtype=torch.float64)
+    # NCCL reduces only tensors on this rank's GPU; gloo takes CPU tensors.
+    tensor = torch.tensor([value], dtype=torch.float64, device=ctx.device)
     dist.all_reduce(tensor)
     return float(tensor.item()) / ctx.world_size
 

@@ -137,8 +137,12 @@ def fit(
         history.append(
             {"epoch": epoch, "train_loss": train_loss, **{f"val_{k}": float(v) for k, v in val.items()}}
         )
+        # A dict, not keywords: the monitored metric may itself be called "loss".
         bar.set_postfix(
-            loss=f"{train_loss:.3f}", **{stopper.monitor: f"{val.get(stopper.monitor, math.nan):.3f}"}
+            {
+                "train_loss": f"{train_loss:.3f}",
+                f"val_{stopper.monitor}": f"{val.get(stopper.monitor, math.nan):.3f}",
+            }
         )
         if improved:
             best_state, best_val = _cpu_state(module), dict(val)
