@@ -88,6 +88,7 @@ def _dicom_without_pixels(path: Path) -> Path:
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.PatientName = "Anonymous"
     ds.Modality = "SR"
+    path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path
 
@@ -199,11 +200,33 @@ IMAGE_CASES: list[Case] = [
         "label",
     ),
     Case("npz_object_images", _npz("breastmnist.npz", _with(train_images=_object_images())), "train_images"),
+    Case(
+        "npz_string_labels",  # labels saved as text ("benign"), not class indices
+        _npz("breastmnist.npz", _with(train_labels=np.array([["a"], ["b"], ["a"], ["b"]]))),
+        "train_labels",
+    ),
     Case("npz_truncated", _truncated_npz, "npz"),
     Case("csv_missing_files", _csv_missing_files, "gone.png"),
     Case("folder_with_one_bad_image", _folder_with_one_bad_image, "not an image|truncated|corrupt"),
     Case("only_empty_class_folders", _all_class_folders_empty, "no image"),
 ]
+
+
+# The IMAGE_CASES that are one bad file (not a whole dataset): `train` gets them inside a labelled class folder,
+# `predict` gets the file itself.
+IMAGE_FILE_CASES: list[Case] = [
+    c for c in IMAGE_CASES if not c.name.startswith(("npz_", "csv_", "folder_", "only_"))
+]
+
+
+def labelled_folder_with(case: Case, folder: Path) -> tuple[Path, Path]:
+    """A two-class ImageFolder (3 good images per class) with the case's bad file among the second class."""
+    root = folder / "labelled"
+    for label, seeds in (("benign", range(3)), ("malignant", range(3, 6))):
+        for seed in seeds:
+            _write(root / label / f"ok{seed}.png", png_bytes(sample_rgb(seed=seed)))
+    _, culprit = case.make(root / "malignant")
+    return root, culprit
 
 
 def unusual_but_valid_images(folder: Path) -> dict[str, Path]:

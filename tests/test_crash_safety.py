@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -175,10 +176,14 @@ def test_kill_9_during_train_leaves_nothing_that_looks_complete(volumes, tmp_pat
 TRAIN_RESUME = {
     "segment": lambda data, out: ["train", "--task", "segment", "--data", str(data), "--head", "linear", *SEGMENT,
                                   "--epochs", "40", "--store", str(out / "store"), "--out", str(out / "run")],
-    "classify": lambda data, out: ["train", "--task", "classify", "--data", str(data), "--method", "linear-probe",
-                                   "--encoder-arch", "tiny", "--encoder-image-size", "64", "--epochs", "300", "--patience", "300",
-                                   "--no-progress", "--store", str(out / "store"), "--out", str(out / "run")],
+    # a network method: the linear probe has no epochs (nothing to resume) and would pass trivially
+    "classify": lambda data, out: ["train", "--task", "classify", "--data", str(data), "--method", "slca",
+                                   "--backbone", "resnet18", "--image-size", "32", "--batch-size", "8",
+                                   "--slca-window", "2", "--encoder-arch", "tiny", "--encoder-image-size", "64",
+                                   "--epochs", "30", "--patience", "30", "--no-progress", "--store",
+                                   str(out / "store"), "--out", str(out / "run")],
 }  # fmt: skip
+WEIGHTS = {"segment": "head.safetensors", "classify": "model.safetensors"}
 
 
 @pytest.mark.parametrize("task", sorted(TRAIN_RESUME))
@@ -190,20 +195,121 @@ def test_kill_9_during_train_then_resume_equals_an_uninterrupted_run(volumes, tm
         np.savez(data, **medmnist_arrays(n=12, seed=5))
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     process = start(TRAIN_RESUME[task](data, killed))
-    kill_when(process, lambda: store_entries(killed / "store") > 0, delay=0.5)  # into training
+    state = killed / "run" / ".resume" / "state.json"
+    kill_when(process, state.exists, delay=0.3)  # at least one finished epoch saved, training still going
+    assert not (killed / "run" / "metrics.json").exists()
+    epoch_at_kill = json.loads(state.read_text())["epoch"]
     resumed = subprocess.run(
         [sys.executable, "-m", "samadapt", *TRAIN_RESUME[task](data, killed), "--resume"],
         env=ENV, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr
+    assert re.search(r"resuming .* after epoch \d+", resumed.stderr), (
+        "the rerun must continue, not start over"
+    )
+    assert not state.parent.exists(), "a finished run drops its resume state"
     done = subprocess.run(
         [sys.executable, "-m", "samadapt", *TRAIN_RESUME[task](data, clean)],
         env=ENV, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     a, b = (json.loads((r / "run" / "metrics.json").read_text()) for r in (killed, clean))
-    a.pop("seconds", None), b.pop("seconds", None)
-    assert a == b
+    assert _timeless(a) == _timeless(b), f"killed after epoch {epoch_at_kill}"
+    for name, tensor in _weights(clean / "run" / WEIGHTS[task]).items():
+        np.testing.assert_array_equal(_weights(killed / "run" / WEIGHTS[task])[name], tensor)
+
+
+def _timeless(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if not k.endswith("seconds")}
+
+
+def _weights(path: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(str(path))
+
+
+# ---- classification sweep -------------------------------------------------------------------------------------
+
+
+def _classify_sweep_config(path: Path, data: Path, out: Path) -> Path:
+    config = {"task": "classify", "data": str(data), "methods": "baseline", "label-fractions": "0.5,1.0",
+              "seeds": 1, "backbone": "resnet18", "image-size": 32, "batch-size": 8, "epochs": 4,
+              "encoder-arch": "tiny", "encoder-image-size": 64, "no-progress": True, "store": str(out / "store"),
+              "out": str(out)}  # fmt: skip
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _sweep_rows(out: Path) -> list[dict[str, str]]:
+    import csv
+
+    with open(out / "results.csv", newline="") as fh:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(fh)]
+
+
+def test_kill_9_during_classify_sweep_then_rerun_equals_an_uninterrupted_sweep(tmp_path) -> None:
+    data = tmp_path / "breastmnist.npz"
+    np.savez(data, **medmnist_arrays(n=12, seed=5))
+    killed = tmp_path / "killed"
+    config = _classify_sweep_config(tmp_path / "killed.yaml", data, killed)
+    kill_when(
+        start(["sweep", "--config", str(config)]), lambda: any((killed / "runs").glob("*/metrics.json"))
+    )
+    finished = [p.parent.name for p in (killed / "runs").glob("*/metrics.json")]
+    assert len(finished) == 1, "the kill must land during the sweep"
+
+    with one_thread():
+        assert main(["sweep", "--config", str(config)]) == 0
+        clean = tmp_path / "clean"
+        assert (
+            main(["sweep", "--config", str(_classify_sweep_config(tmp_path / "clean.yaml", data, clean))])
+            == 0
+        )
+    assert not list((killed / "runs").glob(".*.partial")), "the interrupted run's partial folder is gone"
+    assert _sweep_rows(killed) == _sweep_rows(clean) and len(_sweep_rows(clean)) == 2
+    for run in (clean / "runs").iterdir():
+        a, b = (
+            json.loads((root / "runs" / run.name / "metrics.json").read_text()) for root in (killed, clean)
+        )
+        assert _timeless(a) == _timeless(b), run.name
+
+
+# ---- few-shot sweep ------------------------------------------------------------------------------------------
+
+
+def _fewshot_sweep_config(path: Path, data: Path, clip: tuple[Path, Path], out: Path) -> Path:
+    config = {"task": "fewshot", "data": str(data), "clip": str(clip[0]), "clip-checkpoint": str(clip[1]),
+              "methods": "clip-finetune", "data-fraction": "0.5,1.0", "seeds": "1", "epochs": 40, "patience": 40,
+              "batch-size": 4, "no-progress": True, "out": str(out)}  # fmt: skip
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_kill_9_during_fewshot_sweep_then_rerun_equals_an_uninterrupted_sweep(tmp_path) -> None:
+    from samadapt.encoders.clip import write_tiny_clip
+
+    data = tmp_path / "breastmnist.npz"
+    np.savez(data, **medmnist_arrays(n=12, seed=5))
+    clip = write_tiny_clip(tmp_path)
+    killed = tmp_path / "killed"
+    config = _fewshot_sweep_config(tmp_path / "killed.yaml", data, clip, killed)
+    kill_when(start(["sweep", "--config", str(config)]), lambda: any(killed.glob("*/*/seed0/metrics.json")))
+    assert len(list(killed.glob("*/*/seed0/metrics.json"))) == 1, "the kill must land during the sweep"
+
+    with one_thread():
+        assert main(["sweep", "--config", str(config)]) == 0
+        clean = tmp_path / "clean"
+        assert (
+            main(
+                ["sweep", "--config", str(_fewshot_sweep_config(tmp_path / "clean.yaml", data, clip, clean))]
+            )
+            == 0
+        )
+    assert _sweep_rows(killed) == _sweep_rows(clean) and len(_sweep_rows(clean)) == 2
+    for done in clean.glob("*/*/seed0/metrics.json"):
+        a = json.loads((killed / done.relative_to(clean)).read_text())
+        assert _timeless(a) == _timeless(json.loads(done.read_text())), done.parent
 
 
 class _Interrupted(Exception):
