@@ -348,3 +348,100 @@ def test_open_store_errors(tmp_path):
         conn.execute("UPDATE meta SET value = '99' WHERE name = 'format'")
     with pytest.raises(DataError, match="format 99"):
         open_store(tmp_path / "s")
+
+
+def _filled_store(root: Path, n: int = 6, batch_size: int = 2) -> tuple[TinyDataset, np.ndarray, list[Path]]:
+    dataset = TinyDataset(_images(n))
+    encoder = FakeEncoder()
+    embed_dataset(dataset, encoder, root, batch_size=batch_size, progress=False)
+    expected = torch.stack([_fake_vector(im, encoder.fields) for im in dataset.images]).numpy()
+    return dataset, expected, sorted((root / "shards").rglob("*.npy"))
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("deleted", "the file is missing"),
+        ("truncated", "truncated or corrupt"),
+        ("zeroed", "not an .npy file"),
+        ("other_shape", "manifest expects"),
+        ("other_dtype", "expected a float32 array"),
+    ],
+)
+def test_damaged_shard_reads_name_the_file(tmp_path, damage, message):
+    """Every read path (store[key], the dataset-ordered array, one row or many) gives one DataError."""
+    _, _, shards = _filled_store(tmp_path)
+    shard = shards[0]
+    if damage == "deleted":
+        shard.unlink()
+    elif damage == "truncated":
+        shard.write_bytes(shard.read_bytes()[:140])
+    elif damage == "zeroed":
+        shard.write_bytes(b"\0" * shard.stat().st_size)
+    elif damage == "other_shape":
+        np.save(shard, np.zeros((2, 3), np.float32))
+    else:
+        np.save(shard, np.zeros((2, 8, 3, 3), np.float64))
+    with open_store(tmp_path) as store:
+        keys = sorted(store)
+        hit = next(k for k in keys if store.locate([k])[k].shard == shard.relative_to(tmp_path).as_posix())
+        pattern = f"{shard.name}: damaged embedding store shard.*{message}.*rerun `samadapt embed`"
+        with pytest.raises(DataError, match=pattern):
+            store[hit]
+        with pytest.raises(DataError, match=pattern):
+            store.array([hit])[0]
+        with pytest.raises(DataError, match=pattern):
+            np.asarray(store.array(keys))
+
+
+@pytest.mark.parametrize("damage", ["deleted", "truncated"])
+def test_embed_recomputes_entries_of_missing_or_cut_shards(tmp_path, damage):
+    dataset, expected, shards = _filled_store(tmp_path)
+    assert len(shards) == 3  # one per batch of 2
+    if damage == "deleted":
+        shards[1].unlink()
+    else:
+        shards[1].write_bytes(shards[1].read_bytes()[:-4])  # one float short of complete
+    encoder = FakeEncoder()
+    with pytest.warns(
+        UserWarning, match=r"1 shard file\(s\) missing or truncated .*recomputing the 2 entries"
+    ):
+        table = embed_dataset(dataset, encoder, tmp_path, batch_size=2, progress=False)
+    assert (table.computed, table.reused, encoder.seen) == (2, 4, 2)
+    np.testing.assert_array_equal(np.asarray(table["neck"]), expected)
+    with open_store(tmp_path) as store:
+        assert len(store) == 6 and store.verify() == ([], 0)
+        assert store.manifest.shards() == {
+            p.relative_to(tmp_path).as_posix() for p in (tmp_path / "shards").rglob("*.npy")
+        } - ({shards[1].relative_to(tmp_path).as_posix()} if damage == "truncated" else set())
+    # Healed: the next run has nothing to do (and checks only stat the shards, so it stays cheap).
+    encoder = FakeEncoder()
+    assert embed_dataset(dataset, encoder, tmp_path, batch_size=2, progress=False).computed == 0
+    assert encoder.seen == 0
+
+
+def test_verify_checks_every_entry_without_keys(tmp_path):
+    _, _, shards = _filled_store(tmp_path)
+    shards[0].unlink()
+    shards[2].unlink()
+    with open_store(tmp_path) as store:
+        broken, dropped = store.verify()
+        assert len(broken) == 2 and dropped == 4 and len(store) == 2
+        assert store.verify() == ([], 0)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "directory"])
+def test_damaged_manifest_is_a_data_error(tmp_path, damage):
+    _filled_store(tmp_path)
+    manifest = tmp_path / "manifest.sqlite"
+    if damage == "garbage":
+        manifest.write_bytes(b"SQLite format 2\0" + b"\xff" * 4000)
+    elif damage == "truncated":
+        manifest.write_bytes(manifest.read_bytes()[:1500])
+    else:
+        manifest.unlink()
+        manifest.mkdir()
+    with pytest.raises(DataError, match=r"manifest\.sqlite: (damaged|cannot use) .*rerun `samadapt embed`"):
+        with open_store(tmp_path) as store:
+            sorted(store)
+            store.locate(["x"])

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -86,6 +87,7 @@ def embed_dataset(
         plan = None
         if store is not None:
             store.manifest.ingest_journals(root)  # entries of an interrupted distributed run
+            _heal(store, list(first_index), config, outputs)
             plan = (_missing(store, list(first_index), config, outputs), uuid.uuid4().hex[:12])
         todo, run_id = broadcast(plan)
         my_todo = list(todo.items())[rank::world]
@@ -194,6 +196,19 @@ def _locations(
     if lost:
         raise RuntimeError(f"{store.root}: {len(lost)} entries missing after embedding (e.g. {lost[0]})")
     return {o: [found[k] for k in ks] for o, ks in keys.items()}
+
+
+def _heal(store: EmbeddingStore, digests: list[str], config: str, outputs: list[str]) -> None:
+    """Drop the entries of this dataset whose shard file was deleted or cut short: they are recomputed."""
+    keys = [entry_key(d, config, o) for d in digests for o in outputs]
+    broken, dropped = store.verify(keys)
+    if broken:
+        warnings.warn(
+            f"{store.root}: {len(broken)} shard file(s) missing or truncated (e.g. {broken[0]}); "
+            f"recomputing the {dropped} entries they held",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _missing(

@@ -7,12 +7,13 @@ uncommitted transaction. Each written batch is one transaction, committed after 
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from samadapt.errors import DataError
 from samadapt.store.shards import JOURNAL_DIR, read_journal
@@ -52,10 +53,59 @@ class Entry(NamedTuple):
     shape: tuple[int, ...]
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def manifest_error(path: Path, error: sqlite3.DatabaseError) -> DataError | None:
+    """The one-line error for a manifest SQLite cannot use (None: a lock or a bug, to be raised as it is)."""
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if isinstance(error, sqlite3.OperationalError):
+        if "locked" in text or "busy" in text:
+            return None
+        return DataError(
+            f"{path}: cannot use the embedding store manifest ({text}); check the disk and its permissions; "
+            f"if the file is damaged, delete the store folder {path.parent} and rerun `samadapt embed` "
+            "(the store is a cache: everything in it is recomputed)"
+        )
+    if type(error) is not sqlite3.DatabaseError:  # IntegrityError, ProgrammingError...: our bug, not the file
+        return None
+    return DataError(
+        f"{path}: damaged embedding store manifest ({text}); delete the store folder {path.parent} and rerun "
+        "`samadapt embed` (the store is a cache: everything in it is recomputed)"
+    )
+
+
+def _guarded(method: _F) -> _F:
+    """SQLite's errors about the file itself (not a database, malformed, disk I/O) become a DataError."""
+
+    @functools.wraps(method)
+    def wrapper(self: Manifest, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.DatabaseError as error:
+            translated = manifest_error(self.path, error)
+            if translated is None:
+                raise
+            raise translated from error
+
+    return wrapper  # type: ignore[return-value]
+
+
 class Manifest:
     def __init__(self, root: Path) -> None:
         self.path = Path(root) / MANIFEST_NAME
-        self.conn = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
+        try:
+            self.conn = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
+        except sqlite3.DatabaseError as error:  # a folder in its place, no permission
+            raise (manifest_error(self.path, error) or error) from error
+        try:
+            self._open()
+        except BaseException:
+            self.conn.close()
+            raise
+
+    @_guarded
+    def _open(self) -> None:
         self.conn.execute(f"PRAGMA busy_timeout = {int(_BUSY_TIMEOUT_S * 1000)}")
         self._retry(lambda: self.conn.execute("PRAGMA journal_mode = WAL"))
         self.conn.execute("PRAGMA synchronous = NORMAL")  # with WAL: a process kill never loses a commit
@@ -89,6 +139,7 @@ class Manifest:
         self.conn.close()
 
     # ---- writes -------------------------------------------------------------------------------------------
+    @_guarded
     def add(
         self, entries: Sequence[Entry], configs: dict[str, str], ids: Iterable[tuple[str, str]] = ()
     ) -> None:
@@ -102,6 +153,7 @@ class Manifest:
             # An id always points at the content it had when it was last embedded.
             self.conn.executemany("INSERT OR REPLACE INTO ids VALUES (?, ?, ?)", ids)
 
+    @_guarded
     def ingest_journals(self, root: Path) -> int:
         """Add the records of distributed ranks' journals; delete the journals of writers that are gone."""
         count = 0
@@ -120,12 +172,18 @@ class Manifest:
         return count
 
     # ---- reads --------------------------------------------------------------------------------------------
+    @_guarded
     def __len__(self) -> int:
         return self.conn.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
 
     def keys(self) -> Iterator[str]:
-        yield from (row[0] for row in self.conn.execute("SELECT key FROM entries ORDER BY key").fetchall())
+        return iter(self._keys())
 
+    @_guarded
+    def _keys(self) -> list[str]:
+        return [row[0] for row in self.conn.execute("SELECT key FROM entries ORDER BY key").fetchall()]
+
+    @_guarded
     def locate(self, keys: Sequence[str]) -> dict[str, Location]:
         found: dict[str, Location] = {}
         for start in range(0, len(keys), _CHUNK):
@@ -138,14 +196,34 @@ class Manifest:
                 found[key] = Location(shard, row, tuple(json.loads(shape)))
         return found
 
+    @_guarded
+    def shard_extents(self) -> dict[str, tuple[int, tuple[int, ...]]]:
+        """{shard: (rows its entries need, row shape)} over every entry (one grouped query)."""
+        rows = self.conn.execute("SELECT shard, MAX(row), MIN(shape) FROM entries GROUP BY shard").fetchall()
+        return {shard: (int(top) + 1, tuple(json.loads(shape))) for shard, top, shape in rows}
+
+    @_guarded
+    def drop_shards(self, shards: Sequence[str]) -> int:
+        """Delete the entries that point into `shards` (files gone or damaged); returns how many."""
+        dropped = 0
+        with self.transaction():
+            for start in range(0, len(shards), _CHUNK):
+                chunk = list(shards[start : start + _CHUNK])
+                marks = ",".join("?" * len(chunk))
+                dropped += self.conn.execute(f"DELETE FROM entries WHERE shard IN ({marks})", chunk).rowcount
+        return dropped
+
+    @_guarded
     def shards(self) -> set[str]:
         return {row[0] for row in self.conn.execute("SELECT DISTINCT shard FROM entries").fetchall()}
 
+    @_guarded
     def keys_with_config(self, configs: Sequence[str]) -> set[str]:
         marks = ",".join("?" * len(configs))
         rows = self.conn.execute(f"SELECT key FROM entries WHERE config IN ({marks})", list(configs))
         return {row[0] for row in rows.fetchall()}
 
+    @_guarded
     def images_of(self, dataset_ids: Sequence[str], source: str | None = None) -> dict[str, str]:
         """Image digest of each known id; without `source`, an id that two datasets use differently is an error."""
         found: dict[str, set[tuple[str, str]]] = {}
@@ -164,6 +242,7 @@ class Manifest:
                 )
         return {dataset_id: next(iter(links))[1] for dataset_id, links in found.items()}
 
+    @_guarded
     def configs(self) -> dict[str, dict[str, Any]]:
         rows = self.conn.execute("SELECT config, fields FROM configs").fetchall()
         return {config: json.loads(fields) for config, fields in rows}

@@ -10,6 +10,8 @@ written only afterwards, so a crash leaves at worst an unreferenced file, never 
 from __future__ import annotations
 
 import fcntl
+import functools
+import io
 import json
 import os
 import uuid
@@ -19,10 +21,12 @@ from typing import Any
 
 import numpy as np
 
+from samadapt.errors import DataError
 from samadapt.utils.atomic import atomic_path
 
 SHARD_DIR = "shards"
 JOURNAL_DIR = "journal"
+_NPY_MAGIC = b"\x93NUMPY"
 
 
 def new_writer_id() -> str:
@@ -36,6 +40,59 @@ def write_shard(root: Path, relpath: str, array: np.ndarray) -> None:
         np.save(fh, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
 
 
+def damaged_shard(root: Path, relpath: str, detail: str) -> DataError:
+    """The one-line error for a shard file that is gone or unreadable, with the ways to recover."""
+    return DataError(
+        f"{Path(root) / relpath}: damaged embedding store shard ({detail}); delete this file and rerun "
+        f"`samadapt embed` with the same settings to recompute its entries, or delete the store folder {root} "
+        "(the store is a cache)"
+    )
+
+
+def open_shard(root: Path, relpath: str) -> np.ndarray:
+    """Memory-map one shard file: a float32 array [B, ...]; DataError naming the file when it is not one."""
+    path = Path(root) / relpath
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(len(_NPY_MAGIC))
+        if magic != _NPY_MAGIC:  # np.load would call it "pickled data", which misleads
+            raise damaged_shard(root, relpath, f"not an .npy file: starts with {magic[:6]!r}")
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+        raise damaged_shard(root, relpath, "the file is missing") from None
+    except (OSError, ValueError, EOFError) as error:  # cut short, overwritten, not an .npy file at all
+        text = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise damaged_shard(root, relpath, f"truncated or corrupt: {text}") from None
+    if not isinstance(array, np.ndarray) or array.dtype != np.float32 or array.ndim < 1:
+        kind = (
+            f"dtype {array.dtype}, shape {array.shape}" if isinstance(array, np.ndarray) else "not one array"
+        )
+        raise damaged_shard(root, relpath, f"expected a float32 array, found {kind}")
+    return array
+
+
+def shard_looks_complete(path: Path, rows: int, row_shape: tuple[int, ...]) -> bool:
+    """One `stat`: the file exists and is big enough for `rows` float32 rows of `row_shape` (plus a header).
+
+    Cheap enough for every shard of a dataset; it catches deleted and truncated shards, not overwritten ones
+    (those are caught, naming the file, when they are read).
+    """
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return False
+    return size >= _npy_size(rows, tuple(row_shape))
+
+
+@functools.lru_cache(maxsize=1024)
+def _npy_size(rows: int, row_shape: tuple[int, ...]) -> int:
+    """Bytes `np.save` writes for a float32 [rows, *row_shape] array (a shard with more rows is larger)."""
+    header = io.BytesIO()
+    shape = (rows, *row_shape)
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": shape})
+    return len(header.getvalue()) + 4 * int(np.prod(shape, dtype=np.int64))
+
+
 class ShardCache:
     """Open read-only memory maps of shard files, the most recently used `capacity` of them.
 
@@ -47,15 +104,27 @@ class ShardCache:
         self.capacity = capacity
         self._maps: OrderedDict[str, np.ndarray] = OrderedDict()
 
-    def get(self, relpath: str) -> np.ndarray:
+    def get(self, relpath: str, *, row_shape: tuple[int, ...] | None = None, rows: int = 0) -> np.ndarray:
+        """The shard's [B, ...] array; DataError naming the file when it is missing or damaged.
+
+        `row_shape` and `rows` (how many rows the caller will index, at least) are what the manifest says the
+        shard holds; a file that disagrees was overwritten or cut short.
+        """
         array = self._maps.get(relpath)
         if array is None:
-            array = np.load(self.root / relpath, mmap_mode="r", allow_pickle=False)
+            array = open_shard(self.root, relpath)
             self._maps[relpath] = array
             if len(self._maps) > self.capacity:
                 self._maps.popitem(last=False)
         else:
             self._maps.move_to_end(relpath)
+        if (row_shape is not None and tuple(array.shape[1:]) != tuple(row_shape)) or array.shape[0] < rows:
+            raise damaged_shard(
+                self.root,
+                relpath,
+                f"holds an array of shape {tuple(array.shape)}, the manifest expects "
+                f"at least {rows} rows of shape {tuple(row_shape or array.shape[1:])}",
+            )
         return array
 
     def clear(self) -> None:

@@ -14,7 +14,14 @@ import torch
 from samadapt.errors import DataError
 from samadapt.store.keys import canonical_fields, config_digest, entry_key, fields_of, image_digest
 from samadapt.store.manifest import MANIFEST_NAME, Entry, Location, Manifest
-from samadapt.store.shards import JOURNAL_DIR, SHARD_DIR, ShardCache, ShardWriter, read_journal
+from samadapt.store.shards import (
+    JOURNAL_DIR,
+    SHARD_DIR,
+    ShardCache,
+    ShardWriter,
+    read_journal,
+    shard_looks_complete,
+)
 from samadapt.store.table import EmbeddingArray
 
 
@@ -73,7 +80,8 @@ class EmbeddingStore:
         location = self.manifest.locate([key]).get(key)
         if location is None:
             raise KeyError(key)
-        return np.array(self._cache.get(location.shard)[location.row])
+        shard = self._cache.get(location.shard, row_shape=location.shape, rows=location.row + 1)
+        return np.array(shard[location.row])
 
     def tensor(self, key: str) -> torch.Tensor:
         return torch.from_numpy(self[key])
@@ -138,6 +146,30 @@ class EmbeddingStore:
                 path.unlink(missing_ok=True)
                 deleted += 1
         return deleted
+
+    def verify(self, keys: Sequence[str] | None = None) -> tuple[list[str], int]:
+        """Forget the entries whose shard file is missing or cut short, so the next embed recomputes them.
+
+        Checks the shards of `keys` (default: every entry) with one `stat` each, not one read per row: a shard
+        that exists at full size but was overwritten is reported, naming the file, when it is read. Returns
+        (the broken shards, relative to the store root, and the number of entries dropped).
+        """
+        if keys is None:
+            extents = self.manifest.shard_extents()
+        else:
+            extents = {}
+            for location in self.manifest.locate(keys).values():
+                rows, _ = extents.get(location.shard, (0, location.shape))
+                extents[location.shard] = (max(rows, location.row + 1), location.shape)
+        broken = sorted(
+            shard
+            for shard, (rows, shape) in extents.items()
+            if not shard_looks_complete(self.root / shard, rows, shape)
+        )
+        if not broken:
+            return [], 0
+        self._cache.clear()
+        return broken, self.manifest.drop_shards(broken)
 
     # ---- writes -------------------------------------------------------------------------------------------
     def put(

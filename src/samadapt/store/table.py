@@ -46,7 +46,8 @@ class EmbeddingArray:
             i = int(index) + (len(self) if index < 0 else 0)
             if not 0 <= i < len(self):
                 raise IndexError(f"index {index} out of range for {len(self)} rows")
-            return np.array(self._cache.get(self.shards[i])[self.rows[i]])
+            shard = self._cache.get(self.shards[i], row_shape=self.shape[1:], rows=int(self.rows[i]) + 1)
+            return np.array(shard[self.rows[i]])
         indices = (
             np.arange(len(self))[index] if isinstance(index, slice) else np.asarray(index, dtype=np.int64)
         )
@@ -57,7 +58,8 @@ class EmbeddingArray:
         for position, i in enumerate(indices.tolist()):
             by_shard.setdefault(self.shards[i], []).append(position)
         for shard, positions in by_shard.items():
-            out[positions] = self._cache.get(shard)[self.rows[indices[positions]]]
+            rows = self.rows[indices[positions]]
+            out[positions] = self._cache.get(shard, row_shape=self.shape[1:], rows=int(rows.max()) + 1)[rows]
         return out
 
     def tensor(self, index: int | slice | Sequence[int] | np.ndarray = slice(None)) -> torch.Tensor:
