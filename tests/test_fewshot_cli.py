@@ -114,3 +114,106 @@ def test_user_errors_are_one_line(files, tmp_path, capsys):
     assert "unknown few-shot method 'nope'" in capsys.readouterr().err
     assert main([*base, "--method", "medfocus"]) == 2
     assert "--masker-checkpoint" in capsys.readouterr().err
+
+
+def _train_argv(f, out, *extra):
+    return ["train", "--task", "fewshot", "--data", str(f["data"]), "--clip", str(f["clip"]), "--clip-checkpoint",
+            str(f["clip_ckpt"]), *_masker_flags(f), "--out", str(out), "--no-progress", *extra]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def medfocus_run(files, tmp_path_factory):
+    run = tmp_path_factory.mktemp("medfocus_run") / "run"
+    argv = _train_argv(files, run, "--method", "medfocus", "--epochs", "1", "--data-fraction", "0.5")
+    assert main(argv) == 0
+    return run
+
+
+def _one_line(capsys) -> str:
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("samadapt: error: "), lines
+    return lines[0]
+
+
+def _drop(config: dict, dotted: str) -> None:
+    *parents, last = dotted.split(".")
+    for key in parents:
+        config = config[key]
+    del config[last]
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["method", "class_names", "options", "clip", "clip_identity", "clip_identity.quick_gelu", "masker_identity",
+     "masker_identity.image_size", "masker_settings", "masker", "options.epochs+", "task"],
+)  # fmt: skip
+def test_predict_with_a_broken_run_config_is_one_line_naming_it(files, medfocus_run, tmp_path, capsys, key):
+    import shutil
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("config.yaml", "model.safetensors"):
+        shutil.copy(medfocus_run / name, run / name)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    if key.endswith("+"):  # a key this version does not know
+        config["options"]["surprise"] = 1
+    else:
+        _drop(config, key)
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.load(f"{files['data']}")["test_images"][0]).save(images / "a.png")
+    capsys.readouterr()
+    argv = [
+        "predict",
+        "--run",
+        str(run),
+        "--images",
+        str(images),
+        "--out",
+        str(tmp_path / "pred"),
+        "--no-progress",
+    ]
+    assert main(argv) == 2
+    line = _one_line(capsys)
+    assert str(run / "config.yaml") in line, line
+    if not key.endswith("+"):
+        assert repr(key.rsplit(".", 1)[-1]) in line or "task" in line, line
+    assert not (tmp_path / "pred" / "predictions.csv").exists()
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_train_resume_continues_and_refuses_other_settings(files, tmp_path, capsys, monkeypatch, caplog):
+    import samadapt.tasks.fewshot.run as run_module
+
+    run, clean = tmp_path / "run", tmp_path / "clean"
+    argv = ["--method", "coop", "--coop-epochs", "4", "--coop-n-ctx", "2", "--batch-size", "8"]
+    assert main(_train_argv(files, clean, *argv)) == 0
+    real = run_module.write_run_outputs
+
+    def die(*args, **kwargs):
+        raise _Killed  # training finished, killed before the outputs: the resume state is all that is left
+
+    monkeypatch.setattr(run_module, "write_run_outputs", die)
+    with pytest.raises(_Killed):
+        main(_train_argv(files, run, *argv))
+    assert (run / ".resume" / "state.json").is_file() and not (run / "metrics.json").exists()
+    monkeypatch.setattr(run_module, "write_run_outputs", real)
+    capsys.readouterr()
+    assert main(_train_argv(files, run, *argv, "--coop-lr", "0.01", "--resume")) == 2
+    line = _one_line(capsys)
+    assert "state.json" in line and "options.coop_lr" in line, line
+    with caplog.at_level("INFO"):
+        assert main(_train_argv(files, run, *argv, "--resume")) == 0
+    assert "resuming coop after epoch 3" in caplog.text
+    assert not (run / ".resume").exists()
+    a, b = (json.loads((r / "metrics.json").read_text()) for r in (run, clean))
+    assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
+
+
+def test_training_free_methods_rerun_under_resume(files, tmp_path):
+    assert main(_train_argv(files, tmp_path / "run", "--method", "tip-adapter", "--resume")) == 0
+    assert (tmp_path / "run" / "metrics.json").is_file() and not (tmp_path / "run" / ".resume").exists()

@@ -83,6 +83,12 @@ class FocusAttention:
         if blocks is None:
             raise ConfigError(f"medfocus-attn needs a ViT image tower; found {type(visual).__name__}")
         self.blocks = list(blocks)
+        bad = [i for i in layers or [] if not -len(self.blocks) <= i < len(self.blocks)]
+        if bad:
+            raise ConfigError(
+                f"--attn-layers {bad[0]}: the CLIP image tower has {len(self.blocks)} blocks "
+                f"(indices 0..{len(self.blocks) - 1}, or negative from the end)"
+            )
         self.layers = (
             list(range(len(self.blocks))) if layers is None else [i % len(self.blocks) for i in layers]
         )

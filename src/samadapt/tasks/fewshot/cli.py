@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from pathlib import Path
 
 from samadapt.errors import ConfigError
@@ -145,10 +146,70 @@ def _add_common(parser: argparse.ArgumentParser, *, sweep: bool) -> None:
     parser.add_argument("--overlay-outline-width", type=int, default=o.outline_width)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted training in --out from its last finished epoch",
+    )
 
 
-def _csv(value, cast):
-    return [cast(v.strip()) for v in str(value).split(",") if v.strip()]
+_KINDS = {int: "integers", float: "numbers", str: "names"}
+
+
+def _csv(value, cast, flag: str) -> list:
+    """A comma list (`0.1,0.5`) cast item by item; a bad item is a ConfigError naming `flag` and the value."""
+    items = [v.strip() for v in str(value).split(",") if v.strip()]
+    try:
+        return [cast(v) for v in items]
+    except ValueError:
+        raise ConfigError(
+            f"{flag} {value!r}: expected {_KINDS.get(cast, 'values')} separated by commas"
+        ) from None
+
+
+def _check_fractions(fractions: list[float]) -> list[float]:
+    if not fractions:
+        raise ConfigError("--data-fraction: give at least one fraction in (0, 1], e.g. 0.1")
+    for f in fractions:
+        if not 0 < f <= 1:  # NaN fails too
+            raise ConfigError(f"--data-fraction {f:g}: fractions must be in (0, 1]")
+    return fractions
+
+
+def _check_seeds(seeds: list[int], flag: str) -> list[int]:
+    if not seeds:
+        raise ConfigError(f"{flag}: give at least one seed")
+    for s in seeds:
+        if s < 0:
+            raise ConfigError(f"{flag} {s}: seeds must be >= 0")
+    return seeds
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Values argparse's types let through but training cannot use: one line naming the flag, before anything
+    loads (a sweep would otherwise fail after its first runs)."""
+    at_least = {"points_per_side": 1, "batch_size": 1, "epochs": 1, "coop_epochs": 1, "tip_epochs": 1,
+                "coop_n_ctx": 1, "patience": 0, "split_seed": 0, "overlay_outline_width": 0}  # fmt: skip
+    for key, low in at_least.items():
+        value = getattr(args, key)
+        if value < low:
+            raise ConfigError(f"--{key.replace('_', '-')} {value}: must be >= {low}")
+    if args.masker_image_size is not None and args.masker_image_size < 1:
+        raise ConfigError(f"--masker-image-size {args.masker_image_size}: must be >= 1")
+    for key in ("lr", "coop_lr", "tip_lr"):
+        value = getattr(args, key)
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"--{key.replace('_', '-')} {value}: must be a finite number > 0")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        raise ConfigError(f"--weight-decay {args.weight_decay}: must be a finite number >= 0")
+    for key in ("tip_alpha", "tip_beta", "attn_strength"):
+        value = getattr(args, key)
+        if not math.isfinite(value):
+            raise ConfigError(f"--{key.replace('_', '-')} {value}: must be a finite number")
+    for key in ("overlay_alpha", "max_area_fraction", "pred_iou_thresh", "stability_score_thresh"):
+        value = getattr(args, key)
+        if not 0 <= value <= 1:  # NaN fails too
+            raise ConfigError(f"--{key.replace('_', '-')} {value}: must be in [0, 1]")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -157,13 +218,16 @@ def config_from_args(args: argparse.Namespace):
     from samadapt.tasks.fewshot.overlay import OverlayStyle
     from samadapt.tasks.fewshot.run import FewShotConfig
 
+    _check_numbers(args)
+    attn_layers = _csv(args.attn_layers, int, "--attn-layers") if args.attn_layers else None
+    class_names = _csv(args.class_names, str, "--class-names") if args.class_names else None
     options = FewShotOptions(
         prompt_template=args.prompt_template, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
         batch_size=args.batch_size, patience=args.patience, monitor=args.monitor,
         trainable_blocks=args.trainable_blocks, coop_n_ctx=args.coop_n_ctx, coop_epochs=args.coop_epochs,
         coop_lr=args.coop_lr, coop_optimizer=args.coop_optimizer, tip_alpha=args.tip_alpha,
         tip_beta=args.tip_beta, tip_epochs=args.tip_epochs, tip_lr=args.tip_lr, attn_strength=args.attn_strength,
-        attn_layers=_csv(args.attn_layers, int) if args.attn_layers else None, attn_rows=args.attn_rows,
+        attn_layers=attn_layers, attn_rows=args.attn_rows,
         max_area_fraction=args.max_area_fraction,
         overlay=OverlayStyle(palette=args.overlay_palette, alpha=args.overlay_alpha,
                              outline=bool(args.overlay_outline), outline_color=args.overlay_outline_color,
@@ -178,7 +242,7 @@ def config_from_args(args: argparse.Namespace):
         data=args.data, clip=args.clip, clip_checkpoint=args.clip_checkpoint, quick_gelu=args.quick_gelu,
         masker=args.masker, masker_checkpoint=args.masker_checkpoint, masker_arch=args.masker_arch,
         masker_image_size=args.masker_image_size, masker_settings=settings, mask_cache=args.mask_cache,
-        split_seed=args.split_seed, class_names=_csv(args.class_names, str) if args.class_names else None,
+        split_seed=args.split_seed, class_names=class_names,
         out=args.out, device=args.device, options=options,
     )  # fmt: skip
 
@@ -191,18 +255,17 @@ def train(args: argparse.Namespace) -> int:
     from samadapt.tasks.fewshot.run import load_resources, run_fewshot, with_method
 
     args = _merge(args, add_train_arguments)
-    cfg = config_from_args(args)
-    if not cfg.out:
-        raise ConfigError("--out RUN is required")
-    methods = _csv(args.method, str)
-    fractions = _csv(args.data_fraction, float)
-    seeds = _csv(args.seed, int)
+    cfg, methods, fractions, seeds = train_plan(args)
+    resume = bool(args.resume)
     if len(methods) * len(fractions) * len(seeds) > 1:
-        return _sweep(cfg, methods=methods, fractions=fractions, seeds=seeds)
+        return _sweep(cfg, methods=methods, fractions=fractions, seeds=seeds, resume=resume)
     out = Path(cfg.out)
     res = load_resources(cfg, methods=methods, out=out)
     metrics = run_fewshot(
-        with_method(cfg, method=methods[0], fraction=fractions[0], seed=seeds[0], out=out), res, out
+        with_method(cfg, method=methods[0], fraction=fractions[0], seed=seeds[0], out=out),
+        res,
+        out,
+        resume=resume,
     )
     test = metrics["test"]
     print(
@@ -210,6 +273,17 @@ def train(args: argparse.Namespace) -> int:
         f"{test['balanced_accuracy']:.4f} (n_train {metrics['n_train']}) -> {out}"
     )
     return 0
+
+
+def train_plan(args: argparse.Namespace):
+    """(config, methods, fractions, seeds) of `train`, every value checked before anything loads."""
+    cfg = config_from_args(args)
+    if not cfg.out:
+        raise ConfigError("--out RUN is required")
+    methods = _methods(args.method, "--method")
+    fractions = _check_fractions(_csv(args.data_fraction, float, "--data-fraction"))
+    seeds = _check_seeds(_csv(args.seed, int, "--seed"), "--seed")
+    return cfg, methods, fractions, seeds
 
 
 def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
@@ -222,18 +296,32 @@ def sweep(args: argparse.Namespace) -> int:
     if not cfg.out:
         raise ConfigError("--out DIR is required")
     seeds = str(args.seeds).strip()
-    seed_list = list(range(int(seeds))) if seeds.isdigit() else _csv(seeds, int)
+    seed_list = list(range(int(seeds))) if seeds.isdigit() else _csv(seeds, int, "--seeds")
     if not seed_list:
         raise ConfigError(f"--seeds {seeds!r}: give N >= 1 (seeds 0..N-1) or a comma list")
     return _sweep(
-        cfg, methods=_csv(args.methods, str), fractions=_csv(args.data_fraction, float), seeds=seed_list
-    )
+        cfg, methods=_methods(args.methods, "--methods"), seeds=_check_seeds(seed_list, "--seeds"),
+        fractions=_check_fractions(_csv(args.data_fraction, float, "--data-fraction")), resume=bool(args.resume),
+    )  # fmt: skip
 
 
-def _sweep(cfg, *, methods: list[str], fractions: list[float], seeds: list[int]) -> int:
+def _methods(value, flag: str) -> list[str]:
+    from samadapt.tasks.fewshot.methods import get_method
+
+    methods = _csv(value, str, flag)
+    if not methods:
+        raise ConfigError(f"{flag}: give at least one method")
+    for method in methods:
+        get_method(method)  # unknown names fail before anything loads
+    return methods
+
+
+def _sweep(cfg, *, methods: list[str], fractions: list[float], seeds: list[int], resume: bool = False) -> int:
     from samadapt.tasks.fewshot.sweep import run_sweep
 
-    report = run_sweep(cfg, methods=methods, fractions=fractions, seeds=seeds, out=Path(cfg.out))
+    report = run_sweep(
+        cfg, methods=methods, fractions=fractions, seeds=seeds, out=Path(cfg.out), resume=resume
+    )
     print(f"sweep report: {report}")
     return 0
 
@@ -250,6 +338,7 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clip-checkpoint", default=None, help="CLIP weights, if moved since training")
     parser.add_argument("--masker-checkpoint", default=None, help="SAM 2 weights, if moved since training")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def predict(args: argparse.Namespace) -> int:
@@ -257,7 +346,7 @@ def predict(args: argparse.Namespace) -> int:
 
     path = predict_images(
         run=Path(args.run), images=list(args.images), out=Path(args.out), clip_checkpoint=args.clip_checkpoint,
-        masker_checkpoint=args.masker_checkpoint, device=args.device,
+        masker_checkpoint=args.masker_checkpoint, device=args.device, progress=not args.no_progress,
     )  # fmt: skip
     print(f"predictions: {path}")
     return 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -212,14 +213,21 @@ def fit_method(
     val_y: np.ndarray,
     options: FewShotOptions,
     seed: int,
+    resume_dir: Path | None = None,
+    resume: bool = False,
+    fingerprint: dict[str, Any] | None = None,
 ) -> tuple[ClipClassifier, dict[str, Any], list[dict[str, float]]]:
-    """Fit `method` on the training inputs; returns (model, info for metrics.json, per-epoch history)."""
+    """Fit `method` on the training inputs; returns (model, info for metrics.json, per-epoch history).
+
+    Methods trained by epochs (fine-tuning, CoOp, Tip-Adapter-F) save their state in `resume_dir` after every
+    epoch and, with `resume`, continue from it; the others (zero-shot, linear probe, Tip-Adapter) just rerun."""
     spec = get_method(method)
     torch.manual_seed(seed)
     model = build_model(method, clip, class_names, options)
     info: dict[str, Any] = {}
     history: list[dict[str, float]] = []
-    common = dict(train_y=train_y, val_y=val_y, seed=seed, monitor=options.monitor, patience=options.patience)
+    common = dict(train_y=train_y, val_y=val_y, seed=seed, monitor=options.monitor, patience=options.patience,
+                  resume_dir=resume_dir, resume=resume, fingerprint=fingerprint)  # fmt: skip
     if spec.family == "finetune":
         params = [p for p in model.visual.parameters() if p.requires_grad]
         info["trainable_parameters"] = sum(p.numel() for p in params)

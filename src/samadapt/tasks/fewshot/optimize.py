@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,10 +65,14 @@ def train_module(
     warmup_lr: float = 1e-5,
     desc: str = "train",
     progress: bool = True,
+    resume_dir: Path | None = None,
+    resume: bool = False,
+    fingerprint: dict[str, Any] | None = None,
 ) -> FitResult:
     """AdamW (or SGD with momentum) + cosine schedule, cross-entropy, early stopping on `monitor` of the
     validation set. With `warmup_epochs`, the learning rate is held at `warmup_lr` for those epochs before the
-    cosine decay from `lr` starts (CoOp's constant warmup)."""
+    cosine decay from `lr` starts (CoOp's constant warmup). `resume_dir`, `resume` and `fingerprint` go to
+    `fit` (state saved after every epoch; `resume` continues from it)."""
     generator = torch.Generator().manual_seed(seed)
     labels = torch.as_tensor(train_y, dtype=torch.long)
     loader = DataLoader(
@@ -117,4 +123,7 @@ def train_module(
         scheduler=scheduler,
         progress=progress,
         desc=desc,
+        resume_dir=resume_dir,
+        resume=resume,
+        fingerprint=fingerprint,
     )

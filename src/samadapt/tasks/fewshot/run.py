@@ -32,6 +32,7 @@ from samadapt.tasks.fewshot.methods import (
 from samadapt.tasks.fewshot.outputs import plot_overlay_gallery, write_run_outputs
 from samadapt.tasks.fewshot.overlay import render_overlay
 from samadapt.training.config import save_run_config
+from samadapt.training.resume import clear_resume, resume_dir, start_run
 from samadapt.training.seed import seed_everything
 from samadapt.training.weights import save_weights
 
@@ -134,8 +135,13 @@ def load_resources(cfg: FewShotConfig, *, methods: list[str], out: Path) -> Reso
     return Resources(dataset=dataset, clip=clip, masker=masker, class_names=class_names)
 
 
-def run_fewshot(cfg: FewShotConfig, res: Resources, out: str | Path) -> dict[str, Any]:
-    """Fit cfg.method on cfg.data_fraction of the training split, evaluate on val and test, write `out`."""
+def run_fewshot(
+    cfg: FewShotConfig, res: Resources, out: str | Path, *, resume: bool = False
+) -> dict[str, Any]:
+    """Fit cfg.method on cfg.data_fraction of the training split, evaluate on val and test, write `out`.
+
+    Methods trained by epochs save their state in OUT/.resume after every epoch; `resume` continues from it.
+    The outputs are written after training, metrics.json last; the resume state is dropped after that."""
     out = Path(out)
     spec = get_method(cfg.method)
     if not 0 < cfg.data_fraction <= 1:
@@ -152,9 +158,11 @@ def run_fewshot(cfg: FewShotConfig, res: Resources, out: str | Path) -> dict[str
     train_in = res.inputs(spec.input, idx_train, opts)
     val_in = res.inputs(spec.input, idx_val, opts)
     test_in = res.inputs(spec.input, idx_test, opts)
+    start_run(out, resume=resume)  # every image decoded: only now may an earlier run's outputs go
     model, info, history = fit_method(
         cfg.method, res.clip, res.class_names, train=train_in, train_y=labels[idx_train], val=val_in,
-        val_y=labels[idx_val], options=opts, seed=cfg.seed,
+        val_y=labels[idx_val], options=opts, seed=cfg.seed, resume_dir=resume_dir(out), resume=resume,
+        fingerprint=fingerprint(cfg, res),
     )  # fmt: skip
     probs_val = evaluate_probs(model, val_in) if len(idx_val) else np.zeros((0, len(res.class_names)))
     probs_test = evaluate_probs(model, test_in)
@@ -215,7 +223,38 @@ def run_fewshot(cfg: FewShotConfig, res: Resources, out: str | Path) -> dict[str
         notes=notes,
         extra_figures=figures,
     )
+    clear_resume(out)  # metrics.json is written: the run is complete
     return metrics
+
+
+def fingerprint(cfg: FewShotConfig, res: Resources) -> dict[str, Any]:
+    """The settings a resumed run must share with the interrupted one (not where it runs or how it reports);
+    the models by content, so a moved checkpoint still resumes and a replaced one is refused."""
+    settings = cfg.to_dict()
+    for key in ("out", "device", "mask_cache"):
+        settings.pop(key)
+    settings["options"] = {k: v for k, v in settings["options"].items() if k != "progress"}
+    settings.pop("clip_checkpoint")
+    settings.pop("masker_checkpoint")
+    settings["clip_identity"] = {k: v for k, v in res.clip.identity().items() if k != "clip_checkpoint"}
+    settings["masker_identity"] = (
+        res.masker.cache_key_fields()
+        if res.masker is not None and get_method(cfg.method).input != "plain"
+        else None
+    )
+    settings["class_names"] = list(res.class_names)
+    return _flat(settings)
+
+
+def _flat(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings as dotted keys (`options.lr`), so a refused --resume names the one that differs."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _gallery(out, method, kind, res, indices, probs, y_true, test_in, opts) -> list[tuple[str, Path]]:

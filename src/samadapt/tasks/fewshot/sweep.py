@@ -23,9 +23,16 @@ METRICS = ("accuracy", "balanced_accuracy", "auc", "f1_macro")
 
 
 def run_sweep(
-    cfg: FewShotConfig, *, methods: list[str], fractions: list[float], seeds: list[int], out: Path
+    cfg: FewShotConfig,
+    *,
+    methods: list[str],
+    fractions: list[float],
+    seeds: list[int],
+    out: Path,
+    resume: bool = False,
 ) -> Path:
-    """Run every (method, fraction, seed); returns the sweep's report.html."""
+    """Run every (method, fraction, seed); returns the sweep's report.html. With `resume`, a run interrupted
+    mid-training continues from its last finished epoch (finished runs are always read back)."""
     for method in methods:
         get_method(method)  # unknown names fail before anything loads
     out = Path(out)
@@ -40,7 +47,7 @@ def run_sweep(
                     metrics = json.loads(done.read_text())
                 else:
                     run_cfg = with_method(cfg, method=method, fraction=fraction, seed=seed, out=run_dir)
-                    metrics = run_fewshot(run_cfg, res, run_dir)
+                    metrics = run_fewshot(run_cfg, res, run_dir, resume=resume)
                 test = metrics["test"]
                 log.info(
                     "%s fraction %g seed %d: test accuracy %.4f", method, fraction, seed, test["accuracy"]
