@@ -107,6 +107,8 @@ def _dispatch_task_command(command: str, rest: list[str], debug: bool) -> int:
         task = _config_value(known.config, "task")
     if task is None and known.run is not None:
         task = _config_value(known.run / "config.yaml", "task")
+        if task is None and "-h" not in rest and "--help" not in rest:
+            raise ConfigError(f"{known.run / 'config.yaml'}: no `task:` key (not a run samadapt wrote?)")
     wants_help = "-h" in rest or "--help" in rest
     if task is None:
         if wants_help:

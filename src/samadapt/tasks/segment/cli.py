@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from samadapt.errors import ConfigError
@@ -62,9 +63,26 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="run folder")
 
 
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Refuse flag values that would only fail deep inside torch (Adam with lr nan, a DataLoader of batch 0)."""
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise ConfigError(f"--lr must be a finite number > 0, got {args.lr}")
+    for flag, value, least in (("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1),
+                               ("--patience", args.patience, 1), ("--aug-views", args.aug_views, 0)):  # fmt: skip
+        if value < least:
+            raise ConfigError(f"{flag} must be >= {least}, got {value}")
+    channels = tuple(args.unet_channels)
+    if len(channels) < 2 or min(channels) < 1:
+        raise ConfigError(
+            f"--unet-channels needs at least 2 positive channel counts (one per U-Net level, e.g. 32,64), "
+            f"got {','.join(map(str, channels))}"
+        )
+
+
 def _train_kwargs(args: argparse.Namespace) -> dict:
     if args.data is None:
         raise ConfigError("--data DIR is required")
+    _check_numbers(args)
     return {
         "data": args.data, "encoder": args.encoder, "checkpoint": args.checkpoint, "encoder_arch": args.encoder_arch,
         "precision": args.precision, "image_size": args.image_size, "epochs": args.epochs,

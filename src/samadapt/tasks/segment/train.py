@@ -168,7 +168,6 @@ def run_segmentation(
         raise ConfigError(f"unknown head {head!r}; choose autosam, cnn, linear or unet")
     if image_size % 16 or image_size < 64:
         raise ConfigError(f"--image-size must be a multiple of 16 and at least 64, got {image_size}")
-    start_run(out, resume=resume)
     seed_everything(seed)
     dataset = read_volumes(data, label_names=label_names)
     splits = _resolve_splits(dataset, seed=seed, splits_file=Path(splits_file) if splits_file else None)
@@ -189,6 +188,7 @@ def run_segmentation(
                 f"{dataset.root}: {name} labels go up to {top} but {num_classes - 1} label names were given "
                 f"({', '.join(dataset.label_names)}); pass --label-names"
             )
+    start_run(out, resume=resume)  # the data read and checked: only now may an earlier run's outputs go
     grid = loss_grid(image_size)
 
     model = build_head(head, num_classes=num_classes, unet_channels=tuple(unet_channels))
@@ -202,12 +202,13 @@ def run_segmentation(
         enc = load_encoder(encoder, checkpoint, precision=precision, image_size=image_size, arch=encoder_arch)
         store_dir = Path(store) if store else default_store()
         if checkpoint is not None and head in CHECKPOINT_INIT:
-            from samadapt.encoders.checkpoint import load_state_dict_safely
+            from samadapt.encoders.checkpoint import check_finite, load_state_dict_safely
             from samadapt.tasks.segment.autosam import load_sam_decoder_weights
 
-            init_from = load_sam_decoder_weights(
-                model, load_state_dict_safely(checkpoint), source=str(checkpoint)
-            )
+            sam_state = load_state_dict_safely(checkpoint)
+            # load_encoder checked image_encoder.* only; NaN/Inf decoder weights would train into a NaN loss.
+            check_finite(sam_state, path=checkpoint)
+            init_from = load_sam_decoder_weights(model, sam_state, source=str(checkpoint))
         elif head in CHECKPOINT_INIT:
             log.warning("no --checkpoint: the %s head starts from random decoder weights", head)
         for name, s in (("val", val), ("test", test)):
