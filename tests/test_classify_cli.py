@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -162,3 +163,90 @@ def test_ddp_two_cpu_processes(lesions, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["epochs_run"] == 2 and metrics["n_train"] == 50
+
+
+# ---- a damaged run folder through `predict`: one line naming the file, no predictions.csv ----------------------
+
+
+@pytest.fixture(scope="module")
+def probe_run(tmp_path_factory) -> Path:
+    from corpus import medmnist_arrays
+
+    root = tmp_path_factory.mktemp("probe")
+    np.savez(root / "ok.npz", **medmnist_arrays(n=6))
+    rc = main(["train", "--task", "classify", "--data", str(root / "ok.npz"), "--method", "linear-probe", *TINY,
+               "--epochs", "1", "--store", str(root / "store"), "--out", str(root / "run")])  # fmt: skip
+    assert rc == 0
+    return root / "run"
+
+
+def _predict_error(run: Path, tmp_path: Path, capsys) -> str:
+    image = tmp_path / "x.png"
+    Image.fromarray(np.full((20, 20), 90, np.uint8)).save(image)
+    capsys.readouterr()
+    rc = main(["predict", "--run", str(run), "--images", str(image), "--out", str(tmp_path / "pred"),
+               "--store", str(tmp_path / "store")])  # fmt: skip
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip() and "RANDOM weights" not in line]
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("samadapt: error: "), err
+    assert "Traceback" not in err
+    assert not (tmp_path / "pred" / "predictions.csv").exists()
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda text: text.replace("class_names:", "names:"), r"config\.yaml: missing key\(s\) class_names"),
+        (lambda text: text.replace("method: linear-probe\n", ""), r"config\.yaml: missing key\(s\) method"),
+        (lambda text: text.replace("epochs: 1\n", "epochs: many\n"), r"config\.yaml: .*wrong type"),
+        (lambda text: text.replace("lr: 0.0003\n", "lr: .nan\n"), r"config\.yaml: --lr must be a finite"),
+        (lambda text: text + "surprise: 1\n", r"config\.yaml: unknown classify setting"),
+        (lambda text: "task: classify\n- a list\n", r"config\.yaml: not valid YAML"),
+    ],
+    ids=["no_class_names", "no_method", "epochs_text", "lr_nan", "unknown_key", "not_yaml"],
+)
+def test_predict_refuses_a_damaged_run_config(probe_run, tmp_path, capsys, edit, message):
+    run = tmp_path / "run"
+    shutil.copytree(probe_run, run)
+    config = run / "config.yaml"
+    config.write_text(edit(config.read_text()))
+    line = _predict_error(run, tmp_path, capsys)
+    assert str(config) in line or "config.yaml" in line, line
+    assert re.search(message, line), line
+
+
+@pytest.mark.parametrize(
+    ("tensor", "value", "message"),
+    [
+        ("coef", lambda t: t[:, :-3], "linear-probe weights do not fit the run"),
+        ("mean", lambda t: t[None], "linear-probe weights do not fit the run"),
+        ("intercept", lambda t: t.repeat(3), "linear-probe weights do not fit the run"),
+        ("coef", None, "not linear-probe weights .missing coef"),
+        ("scale", lambda t: t * float("nan"), "NaN or Inf"),
+    ],
+    ids=["coef_features", "mean_2d", "intercept_3", "no_coef", "nan_scale"],
+)
+def test_predict_refuses_linear_probe_weights_of_another_shape(
+    probe_run, tmp_path, capsys, tensor, value, message
+):
+    from safetensors.torch import save_file
+
+    run = tmp_path / "run"
+    shutil.copytree(probe_run, run)
+    weights = load_weights(run / "model.safetensors")
+    if value is None:
+        weights.pop(tensor)
+    else:
+        weights[tensor] = value(weights[tensor]).contiguous()
+    save_file(weights, str(run / "model.safetensors"))
+    line = _predict_error(run, tmp_path, capsys)
+    assert "model.safetensors" in line and re.search(message, line), line
+
+
+def test_predict_with_an_intact_probe_run_still_works(probe_run, tmp_path):
+    image = tmp_path / "x.png"
+    Image.fromarray(np.full((20, 20), 90, np.uint8)).save(image)
+    rc = main(["predict", "--run", str(probe_run), "--images", str(image), "--out", str(tmp_path / "pred"),
+               "--store", str(tmp_path / "store")])  # fmt: skip
+    assert rc == 0 and len(read_csv_rows(tmp_path / "pred" / "predictions.csv")) == 1

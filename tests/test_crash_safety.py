@@ -182,8 +182,33 @@ TRAIN_RESUME = {
                                    "--slca-window", "2", "--encoder-arch", "tiny", "--encoder-image-size", "64",
                                    "--epochs", "30", "--patience", "30", "--no-progress", "--store",
                                    str(out / "store"), "--out", str(out / "run")],
+    # methods trained by epochs: fine-tuning on SAM 2 overlays, CoOp (SGD, warmup schedule), Tip-Adapter-F
+    **{f"fewshot-{method}": (lambda data, out, m=method: _fewshot_train(data, out, m))
+       for method in ("medfocus", "coop", "tip-adapter-f")},
 }  # fmt: skip
-WEIGHTS = {"segment": "head.safetensors", "classify": "model.safetensors"}
+WEIGHTS = {"segment": "head.safetensors", "classify": "model.safetensors"} | {
+    name: "model.safetensors" for name in TRAIN_RESUME if name.startswith("fewshot")
+}
+
+
+def _fewshot_train(data: Path, out: Path, method: str) -> list[str]:
+    """Tiny CLIP and SAM 2 files live beside `data` (`_fewshot_models`)."""
+    models = data.parent
+    return ["train", "--task", "fewshot", "--data", str(data), "--method", method, "--clip",
+            str(models / "tiny_clip.json"), "--clip-checkpoint", str(models / "tiny_clip.pt"), "--masker",
+            "sam2_hiera_t", "--masker-checkpoint", str(models / "sam2.pt"), "--masker-arch", "tiny",
+            "--masker-image-size", "128", "--points-per-side", "4", "--pred-iou-thresh", "0",
+            "--stability-score-thresh", "0", "--batch-size", "4", "--epochs", "30", "--coop-epochs", "30",
+            "--coop-n-ctx", "2", "--tip-epochs", "400", "--patience", "400", "--no-progress", "--out",
+            str(out / "run")]  # fmt: skip
+
+
+def _fewshot_models(folder: Path) -> None:
+    from samadapt.encoders.clip import write_tiny_clip
+    from samadapt.encoders.masks import write_tiny_sam2
+
+    write_tiny_clip(folder)
+    write_tiny_sam2(folder / "sam2.pt")
 
 
 @pytest.mark.parametrize("task", sorted(TRAIN_RESUME))
@@ -193,6 +218,8 @@ def test_kill_9_during_train_then_resume_equals_an_uninterrupted_run(volumes, tm
     else:
         data = tmp_path / "breastmnist.npz"
         np.savez(data, **medmnist_arrays(n=12, seed=5))
+        if task.startswith("fewshot"):
+            _fewshot_models(tmp_path)
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     process = start(TRAIN_RESUME[task](data, killed))
     state = killed / "run" / ".resume" / "state.json"
@@ -365,3 +392,70 @@ def test_fit_resumes_to_the_same_history_and_weights(tmp_path, caplog) -> None:
     with caplog.at_level("WARNING"):  # without --resume an interrupted run starts over, and says so
         fresh = _fit_toy(tmp_path / "run", epochs=12, resume=False)
     assert "starting from scratch" in caplog.text and fresh.history == clean.history
+
+
+# ---- retraining into a finished run folder ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_start_run_drops_a_finished_runs_outputs(tmp_path, caplog, resume: bool) -> None:
+    from samadapt.training.resume import RUN_OUTPUTS, start_run
+
+    run = tmp_path / "run"
+    (run / "mask_cache").mkdir(parents=True)
+    for name in (*RUN_OUTPUTS, "notes.txt"):
+        (run / name).write_text("old")
+    with caplog.at_level("WARNING"):
+        start_run(run, resume=resume)
+    assert "outputs of an earlier run" in caplog.text
+    assert not any((run / name).exists() for name in RUN_OUTPUTS)
+    assert (run / "notes.txt").is_file() and (run / "mask_cache").is_dir(), "only the run's own outputs go"
+
+
+def test_start_run_keeps_a_lone_config_yaml(tmp_path) -> None:
+    """Without weights or metrics beside it, config.yaml mismatches nothing (and may be the user's --config)."""
+    from samadapt.training.resume import start_run
+
+    (tmp_path / "config.yaml").write_text("task: classify\n")
+    start_run(tmp_path, resume=False)
+    assert (tmp_path / "config.yaml").is_file()
+
+
+def test_kill_9_while_retraining_a_finished_run_leaves_no_stale_outputs(tmp_path) -> None:
+    data = tmp_path / "breastmnist.npz"
+    np.savez(data, **medmnist_arrays(n=12, seed=5))
+    _fewshot_models(tmp_path)
+    argv = _fewshot_train(data, tmp_path, "coop")
+    finished = subprocess.run(
+        [sys.executable, "-m", "samadapt", *argv], env=ENV, capture_output=True, timeout=300
+    )
+    assert finished.returncode == 0, finished.stderr
+    run = tmp_path / "run"
+    assert (run / "metrics.json").is_file() and (run / "model.safetensors").is_file()
+    state = run / ".resume" / "state.json"
+    kill_when(start([*argv, "--seed", "1"]), state.exists)  # retrain with another seed, killed mid-training
+    left = {p.name for p in run.iterdir()}
+    assert not left & {
+        "metrics.json",
+        "config.yaml",
+        "model.safetensors",
+        "report.html",
+        "predictions.csv",
+    }, left
+
+
+@pytest.mark.parametrize("task", ["segment", "classify"])
+def test_retraining_with_bad_data_keeps_the_finished_run(tmp_path, capsys, task: str) -> None:
+    """Outputs of a finished run go only once the new run's data has been read: a typo in --data loses nothing."""
+    from samadapt.training.resume import RUN_OUTPUTS
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in RUN_OUTPUTS:
+        (run / name).write_text("finished")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    flags = {"segment": ["--head", "linear", *SEGMENT], "classify": ["--method", "baseline", "--no-progress"]}
+    assert main(["train", "--task", task, "--data", str(empty), *flags[task], "--out", str(run)]) == 2
+    assert "empty" in capsys.readouterr().err
+    assert all((run / name).read_text() == "finished" for name in RUN_OUTPUTS)

@@ -279,3 +279,37 @@ def test_classify_config_epochs_of_the_wrong_type(value) -> None:
     path.write_text(yaml.safe_dump({"task": "classify", "data": "x.npz", "epochs": value}))
     with pytest.raises(ConfigError, match="epochs"):
         _classify_args(path)
+
+
+_fewshot_keys = st.sampled_from(
+    ["epochs", "batch-size", "lr", "coop-lr", "data-fraction", "seed", "method", "points-per-side",
+     "attn-layers", "class-names", "overlay-alpha", "weight-decay", "tip-epochs", "bogus"]
+)  # fmt: skip
+_list_values = st.lists(
+    st.one_of(st.integers(-3, 3), st.floats(allow_nan=True), st.text(max_size=4)), max_size=3
+)
+
+
+@FUZZ
+@given(values=st.dictionaries(_fewshot_keys, st.one_of(_yaml_values, _list_values), max_size=4))
+def test_fewshot_config_values_of_any_type_raise_only_config_error(values: dict) -> None:
+    """What `samadapt train --task fewshot --config FILE` does with the file before anything loads."""
+    import math
+
+    from samadapt.tasks.fewshot.cli import _merge, add_train_arguments, train_plan
+
+    path = _scratch / "fewshot.yaml"
+    path.write_text(yaml.safe_dump({"task": "fewshot", "data": "x.npz", "out": "run", **values}))
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--task", default="fewshot")
+    add_train_arguments(parser)
+    try:
+        cfg, methods, fractions, seeds = train_plan(
+            _merge(parser.parse_args(["--config", str(path)]), add_train_arguments)
+        )
+    except ConfigError:
+        return
+    opts = cfg.options
+    assert methods and opts.epochs >= 1 and opts.batch_size >= 1 and math.isfinite(opts.lr) and opts.lr > 0
+    assert cfg.masker_settings.points_per_side >= 1 and all(0 < f <= 1 for f in fractions)
+    assert seeds and all(s >= 0 for s in seeds)

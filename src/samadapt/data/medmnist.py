@@ -185,6 +185,13 @@ def read_medmnist(path: Path, *, class_names: Sequence[str] | None = None) -> Im
                 f"{path}: {split}_labels has shape {raw_labels[f'{split}_labels'].shape} "
                 f"for {shape[0]} images; expected (N, 1), (N,) or (N, C)"
             )
+        numeric = labels.dtype == np.bool_ or (
+            np.issubdtype(labels.dtype, np.number) and not np.issubdtype(labels.dtype, np.complexfloating)
+        )
+        if not numeric:  # text ("benign"), bytes, datetimes...: np.round would raise TypeError
+            raise DataError(
+                f"{path}: {split}_labels must be integers (class indices), found dtype {labels.dtype}"
+            )
         if not np.issubdtype(labels.dtype, np.integer) and not np.array_equal(labels, np.round(labels)):
             raise DataError(f"{path}: {split}_labels must be integers, found dtype {labels.dtype}")
         label_parts.append(labels.astype(np.int64))

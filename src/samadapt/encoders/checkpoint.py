@@ -109,6 +109,15 @@ def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def read_checkpoint_file(path: str | os.PathLike[str]) -> object:
+    """The file's contents as saved (a dict, possibly nested), read the safe way; no unwrapping.
+
+    For loaders with their own container conventions (timm's ``state_dict_ema``); pickled code is refused and a
+    missing, empty or truncated file is one CheckpointError naming it, as in `load_state_dict_safely`.
+    """
+    return _read_raw(Path(path))
+
+
 def load_state_dict_safely(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Read a checkpoint file into a flat ``{name: tensor}`` dict, never executing pickled code."""
     p = Path(path)

@@ -17,6 +17,7 @@ import timm
 import torch
 from torch import nn
 
+from samadapt.encoders.checkpoint import check_finite, read_checkpoint_file
 from samadapt.errors import CheckpointError, ConfigError
 
 
@@ -98,20 +99,19 @@ def load_backbone_weights(model: nn.Module, path: str | os.PathLike[str]) -> Non
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: backbone weights file not found")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's file problem
-        raise CheckpointError(f"{path}: cannot read backbone weights ({type(exc).__name__}: {exc})") from None
+    # The encoders' safe reader: weights_only pickles, safetensors, one clear line for a pickle payload or a
+    # file cut short. Checkpoints are untrusted.
+    state: Any = read_checkpoint_file(path)
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
             break
+    if not isinstance(state, dict):
+        raise CheckpointError(
+            f"{path}: holds no state dict of backbone weights (found {type(state).__name__})"
+        )
     state = {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    check_finite(state, path=path)  # NaN/Inf weights would train into a NaN loss, never naming the file
     own = model.state_dict()
     head = set(_head_keys(model))
     usable = {k: v for k, v in state.items() if k in own and (own[k].shape == v.shape or k not in head)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -58,9 +59,20 @@ class ClassifyConfig:
             raise ConfigError(f"--slca-pooling {self.slca_pooling!r}: choose avg or avgmax")
         if self.slca_mode not in ("multiply", "residual"):
             raise ConfigError(f"--slca-mode {self.slca_mode!r}: choose multiply or residual")
-        for name in ("epochs", "batch_size", "slca_window", "slca_reduction", "image_size"):
+        for name in (
+            "epochs",
+            "batch_size",
+            "embed_batch_size",
+            "slca_window",
+            "slca_reduction",
+            "image_size",
+        ):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not (math.isfinite(float(self.lr)) and float(self.lr) > 0):
+            raise ConfigError(f"--lr must be a finite number > 0, got {self.lr}")
+        if not (math.isfinite(float(self.weight_decay)) and float(self.weight_decay) >= 0):
+            raise ConfigError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
         if not self.data:
             raise ConfigError("--data is required (a dataset folder, .npz, CSV manifest or ISIC layout)")
         return self

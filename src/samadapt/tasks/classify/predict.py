@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import numpy as np
 import torch
 import yaml
 
+from samadapt.encoders.checkpoint import check_finite
 from samadapt.errors import CheckpointError, ConfigError, DataError
 from samadapt.reports import save_overlay, write_predictions_csv
 from samadapt.tasks.classify.config import ClassifyConfig
@@ -28,17 +30,75 @@ log = logging.getLogger(__name__)
 BATCH = 32
 
 
+# What `train` writes and `predict` cannot guess: without them a default would silently build another model.
+REQUIRED_RUN_KEYS = ("task", "method", "class_names", "backbone", "encoder", "image_size")
+
+
 def load_run(run: Path) -> tuple[ClassifyConfig, list[str], dict | None]:
     path = Path(run) / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"{run}: not a run folder (no config.yaml)")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings, found {type(data).__name__}")
     if data.get("task") != "classify":
         raise ConfigError(f"{path}: task is {data.get('task')!r}, expected 'classify'")
-    class_names = list(data.pop("class_names"))
+    missing = [key for key in REQUIRED_RUN_KEYS if key not in data]
+    if missing:
+        raise ConfigError(
+            f"{path}: missing key(s) {', '.join(missing)}; this file is written by `samadapt train` "
+            "(train the run again, or restore its config.yaml)"
+        )
+    class_names = data.pop("class_names")
+    if (
+        not isinstance(class_names, list)
+        or len(class_names) < 2
+        or any(isinstance(c, dict | list) for c in class_names)
+    ):
+        raise ConfigError(f"{path}: class_names must be a list of at least 2 names, found {class_names!r}")
     fields = data.pop("encoder_fields", None)
+    if fields is not None and not isinstance(fields, dict):
+        raise ConfigError(f"{path}: encoder_fields must be a mapping, found {type(fields).__name__}")
     data.pop("task")
-    return ClassifyConfig.from_mapping(data), class_names, fields
+    try:
+        cfg = ClassifyConfig.from_mapping(data)
+        dataclasses.replace(
+            cfg, data=cfg.data or "-"
+        ).validate()  # `data` is where it trained, not needed here
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except (TypeError, ValueError) as exc:  # a hand-edited value of the wrong type (epochs: many)
+        raise ConfigError(f"{path}: a setting has a value of the wrong type ({exc})") from None
+    return cfg, [str(c) for c in class_names], fields
+
+
+def check_probe_weights(
+    weights: dict[str, torch.Tensor], *, path: Path, num_features: int, num_classes: int
+) -> None:
+    """The linear probe's tensors must fit the features and classes, or the matrix maths fails unhelpfully."""
+    missing = [k for k in ("mean", "scale", "coef", "intercept") if k not in weights]
+    if missing:
+        raise CheckpointError(
+            f"{path}: not linear-probe weights (missing {', '.join(missing)}; found {', '.join(sorted(weights))})"
+        )
+    shapes = {k: tuple(weights[k].shape) for k in ("mean", "scale", "coef", "intercept")}
+    outputs = (1, num_classes) if num_classes == 2 else (num_classes,)
+    fits = (
+        shapes["mean"] == shapes["scale"] == (num_features,)
+        and len(shapes["coef"]) == 2
+        and shapes["coef"][1] == num_features
+        and shapes["coef"][0] in outputs
+        and shapes["intercept"] == (shapes["coef"][0],)
+    )
+    if not fits:
+        found = ", ".join(f"{k} {list(v)}" for k, v in shapes.items())
+        raise CheckpointError(
+            f"{path}: linear-probe weights do not fit the run ({num_features} SAM features, {num_classes} classes "
+            f"need mean/scale [{num_features}], coef [{'|'.join(map(str, outputs))}, {num_features}]; found {found})"
+        )
 
 
 def list_image_files(items: list[str]) -> list[Path]:
@@ -69,7 +129,9 @@ def predict_images(
     arrays = [read_image(f) for f in files]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    weights = load_weights(Path(run) / "model.safetensors")
+    weights_path = Path(run) / "model.safetensors"
+    weights = load_weights(weights_path)
+    check_finite(weights, path=weights_path)
     embeddings = None
     if cfg.method != "baseline":
         encoder = load_encoder_for(cfg, device or "cpu")
@@ -86,11 +148,21 @@ def predict_images(
             batch_size=cfg.embed_batch_size,
         )
     if cfg.method == "linear-probe":
-        probs = probe_probabilities(weights, global_sam_features(embeddings))
+        features = global_sam_features(embeddings)
+        check_probe_weights(
+            weights, path=weights_path, num_features=features.shape[1], num_classes=len(class_names)
+        )
+        probs = probe_probabilities(weights, features)
         maps = None
     else:
         probs, maps = _network_probs(
-            cfg, class_names, weights, arrays, embeddings, encoder if embeddings is not None else None
+            cfg,
+            class_names,
+            weights,
+            arrays,
+            embeddings,
+            encoder if embeddings is not None else None,
+            weights_path=weights_path,
         )
     ids = [str(f) for f in files]
     csv_path = write_predictions_csv(out / "predictions.csv", ids=ids, probs=probs, class_names=class_names)
@@ -101,15 +173,14 @@ def predict_images(
     return csv_path
 
 
-def _network_probs(cfg, class_names, weights, arrays, embeddings, encoder):
+def _network_probs(cfg, class_names, weights, arrays, embeddings, encoder, *, weights_path):
     sam_channels = int(embeddings.shape[1]) if embeddings is not None else 0
     model = build_model(cfg, num_classes=len(class_names), sam_channels=sam_channels)
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(
-            f"model.safetensors does not fit the run's config: {str(exc).splitlines()[0]}"
-        ) from None
+        detail = " ".join(str(exc).split())[:300]
+        raise CheckpointError(f"{weights_path}: does not fit the run's config: {detail}") from None
     model.eval()
     mean, std = backbone_norm(model)
     images = resize_for_backbone(arrays, cfg.image_size)
