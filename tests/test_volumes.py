@@ -98,3 +98,23 @@ def test_split_patients_is_seeded_disjoint_and_complete():
     assert min(len(v) for v in small.values()) >= 1
     with pytest.raises(DataError, match="at least 3 patients"):
         split_patients(patients[:2], seed=0)
+
+
+def test_colour_png_images_become_luminance_and_colour_labels_are_refused(tmp_path):
+    from PIL import Image
+
+    from samadapt.data.volumes import read_volume_file
+
+    rgb = np.zeros((6, 8, 3), np.uint8)
+    rgb[..., 1] = 200  # pure green: channel 0 alone would read as black
+    Image.fromarray(rgb).save(tmp_path / "img.png")
+    image, affine, spacing = read_volume_file(tmp_path / "img.png")
+    expected = np.asarray(Image.fromarray(rgb).convert("L"), np.float32)
+    assert image.shape == (6, 8, 1) and np.array_equal(image[:, :, 0], expected) and expected.max() > 100
+    grey_as_rgb = np.repeat(np.arange(48, dtype=np.uint8).reshape(6, 8)[..., None] % 4, 3, axis=2)
+    Image.fromarray(grey_as_rgb).save(tmp_path / "lab.png")
+    label, _, _ = read_volume_file(tmp_path / "lab.png", label=True)
+    assert np.array_equal(label[:, :, 0], grey_as_rgb[..., 0])
+    Image.fromarray(rgb).save(tmp_path / "colour_lab.png")
+    with pytest.raises(DataError, match="colour_lab.png: a colour label PNG"):
+        read_volume_file(tmp_path / "colour_lab.png", label=True)

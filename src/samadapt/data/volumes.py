@@ -62,7 +62,7 @@ class VolumeCase:
         image, affine, spacing = read_volume_file(self.image_path)
         label = None
         if self.label_path is not None:
-            label_f, _, _ = read_volume_file(self.label_path)
+            label_f, _, _ = read_volume_file(self.label_path, label=True)
             if label_f.shape != image.shape:
                 raise DataError(
                     f"{self.label_path}: label shape {label_f.shape} does not match image shape {image.shape} "
@@ -95,18 +95,33 @@ class VolumeDataset:
         return [c for c in self.cases if c.patient in wanted]
 
 
-def read_volume_file(path: str | Path) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
-    """Read a NIfTI volume or a PNG slice: (float32 array [X, Y, Z], 4x4 affine, spacing in mm)."""
+def read_volume_file(
+    path: str | Path, *, label: bool = False
+) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """Read a NIfTI volume or a PNG slice: (float32 array [X, Y, Z], 4x4 affine, spacing in mm).
+
+    A colour PNG image becomes grey by luminance (PIL's "L", ITU-R 601); a colour PNG label map must hold the
+    label in equal channels (a grey label saved as RGB), since colours have no defined label values."""
     p = Path(path)
     name = p.name.lower()
     if name.endswith(PNG_SUFFIX):
         from PIL import Image
 
         try:
-            arr = np.asarray(Image.open(p))
+            with Image.open(p) as img:
+                mode = img.mode
+                arr = np.asarray(
+                    img if label or mode in ("L", "I", "I;16", "F", "P", "1") else img.convert("L")
+                )
         except OSError as exc:
             raise DataError(f"{p}: not a readable PNG ({exc})") from None
-        if arr.ndim == 3:  # RGB(A) label or image PNGs: take the first channel
+        if arr.ndim == 3:
+            colour = arr[..., :3]
+            if label and not (colour == colour[..., :1]).all():
+                raise DataError(
+                    f"{p}: a colour label PNG ({mode}); save labels as grey or palette PNGs holding the label "
+                    "values 0, 1, 2, ..."
+                )
             arr = arr[..., 0]
         return arr.astype(np.float32)[:, :, None], np.eye(4), (1.0, 1.0, 1.0)
     if not name.endswith(NIFTI_SUFFIXES):
@@ -276,7 +291,7 @@ def _max_label(cases: list[VolumeCase]) -> int:
     top = 0
     for case in cases:
         if case.label_path is not None:
-            data, _, _ = read_volume_file(case.label_path)
+            data, _, _ = read_volume_file(case.label_path, label=True)
             top = max(top, int(np.rint(data.max())))
     return max(top, 1)
 
