@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from samadapt.cli.main import main
@@ -120,3 +121,21 @@ def test_a_flag_on_the_command_line_beats_the_config_file_even_at_its_default(tm
     assert main([*argv, "--out", str(tmp_path / "run")]) == 0
     cfg = seen["cfg"]
     assert cfg.epochs == default_epochs and cfg.lr == 0.5 and cfg.seed == 3
+
+
+def test_embed_data_format_reads_patient_subfolders_as_unlabelled_images(tmp_path, capsys):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for patient in ("p001", "p002"):
+        (tmp_path / "data" / patient).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8)).save(
+                tmp_path / "data" / patient / f"{i}.png"
+            )
+    argv = ["embed", "--encoder", "sam_vit_b", "--arch", "tiny", "--image-size", "64", "--data",
+            str(tmp_path / "data"), "--cache", str(tmp_path / "cache"), "--no-progress"]  # fmt: skip
+    assert main([*argv, "--data-format", "images"]) == 0
+    assert "4 images" in capsys.readouterr().out
+    assert main([*argv, "--data-format", "medmnist"]) == 2  # forcing a wrong layout is a one-line error
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1

@@ -23,6 +23,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--data", required=True, help="dataset: image folder, ImageFolder, MedMNIST .npz, CSV, ISIC"
     )
     parser.add_argument(
+        "--data-format",
+        default=None,
+        choices=("images", "imagefolder", "medmnist", "manifest", "isic"),
+        help="dataset layout (default: detected); e.g. images for unlabelled images in per-patient subfolders",
+    )
+    parser.add_argument(
         "--cache", type=Path, required=True, help="embedding store directory (created if missing)"
     )
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="encoder precision")
@@ -96,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
     device = init_from_env(device)
     try:
         rank, world = rank_and_world()
-        dataset = read_dataset(args.data)  # before the (slow) encoder build: bad data fails fast
+        # before the (slow) encoder build: bad data fails fast
+        dataset = read_dataset(args.data, format=args.data_format)
         encoder = load_encoder(
             args.encoder,
             checkpoint=args.checkpoint,
