@@ -34,7 +34,8 @@ def run_demo(out_dir: Path, *, quick: bool = False) -> Path:
         masker_settings=MaskerSettings(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0),
         mask_cache=str(out_dir / "masks"),
         class_names=["band", "square"],
-        options=FewShotOptions(epochs=3 if quick else 10, progress=False),
+        # Fine-tuning real CLIP wants lr 1e-5; a tiny random CLIP learns from scratch and needs a from-scratch lr.
+        options=FewShotOptions(epochs=3 if quick else 10, lr=1e-3, progress=False),
     )
     methods = ["medfocus", "medfocus-attn", "zero-shot", "linear-probe", "tip-adapter"]
     return run_sweep(cfg, methods=methods, fractions=[0.25, 1.0], seeds=[0], out=out_dir)
