@@ -267,6 +267,23 @@ def errors(out: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> dict[s
     return {"max_abs": max_abs, "max_abs_over_ref_max": rel, "images": len(common)}
 
 
+def cpu_description() -> str:
+    """CPU model and the matrix extensions that decide bf16 speed (AMX tiles, AVX-512 BF16), from /proc/cpuinfo."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    extensions = [name for name in ("amx_bf16", "avx512_bf16", "avx512f") if name in flags]
+    return f"{model} ({', '.join(extensions) or 'no AVX-512'})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=4, help="timed rounds (one image each, cycling)")
@@ -341,7 +358,7 @@ def main() -> None:
         "what": "SAM vit_b image-encoder forward on one preprocessed image (batch 1), seconds per image",
         "timing": f"median of {rounds} round-robin rounds after {args.warmup} warm-up round(s), one process",
         "device": str(device),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_description(),
         "threads": args.threads,
         "torch": torch.__version__,
         "load_average_before_after": [load_before, os.getloadavg()],

@@ -1,7 +1,7 @@
 """SLCA ablation on the demo's generated lesion data: window k, reduction r, target stages, mode, pooling,
 and the SAM feature source (neck vs. an intermediate encoder block), one factor at a time from a default.
 
-    python benchmarks/slca_ablation.py --out ablation [--checkpoint sam_vit_b_01ec64.pth] [--seeds 2]
+    python benchmarks/slca_ablation.py --out ablation [--checkpoint sam_vit_b_01ec64.pth] [--seeds 3]
 
 Without --checkpoint the encoder is the tiny random-weight sam_vit_b configuration (said in the table).
 Writes OUT/ablation.md (mean ± std over seeds, test split) and OUT/ablation.csv.
@@ -49,9 +49,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("ablation_output"))
     parser.add_argument("--checkpoint", default=None)
-    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--label-fraction", type=float, default=0.5)
-    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--epochs", type=int, default=10)
     args = parser.parse_args()
     warnings.simplefilter("ignore", RandomWeightsWarning)
     data = args.out / "lesions.npz"
