@@ -60,13 +60,15 @@ def test_train_writes_every_file_and_learns(slca_run):
     assert "data:image/png;base64," in (slca_run / "report.html").read_text()
 
 
-def test_predict_writes_csv_and_overlays(slca_run, tmp_path, real_images):
+def test_predict_writes_csv_and_overlays(slca_run, tmp_path, real_images, capsys):
     folder = tmp_path / "new"
     folder.mkdir()
     Image.fromarray(real_images["retina"][::8, ::8]).save(folder / "fundus.png")
     Image.fromarray(real_images["cell"]).save(folder / "cell.png")
+    capsys.readouterr()
     rc = main(["predict", "--run", str(slca_run), "--images", str(folder), "--out", str(tmp_path / "pred")])
     assert rc == 0
+    assert "2/2" in capsys.readouterr().err  # embedding new images shows a progress bar
     rows = read_csv_rows(tmp_path / "pred" / "predictions.csv")
     assert len(rows) == 2 and all(r["predicted"] in ("0", "1") for r in rows)
     for name, image in (("fundus", real_images["retina"][::8, ::8]), ("cell", real_images["cell"])):
@@ -185,7 +187,7 @@ def _predict_error(run: Path, tmp_path: Path, capsys) -> str:
     Image.fromarray(np.full((20, 20), 90, np.uint8)).save(image)
     capsys.readouterr()
     rc = main(["predict", "--run", str(run), "--images", str(image), "--out", str(tmp_path / "pred"),
-               "--store", str(tmp_path / "store")])  # fmt: skip
+               "--store", str(tmp_path / "store"), "--no-progress"])  # fmt: skip
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip() and "RANDOM weights" not in line]
     assert rc == 2 and len(lines) == 1 and lines[0].startswith("samadapt: error: "), err

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from corpus import (
     IMAGE_CASES,
@@ -324,12 +326,55 @@ PREDICT_CASES = [*IMAGE_FILE_CASES, *(c for c in IMAGE_CASES if c.name.startswit
 def test_bad_images_through_predict(tmp_path, capsys, trained_runs, task: str, case: Case) -> None:
     images, culprit = case.make(tmp_path / "in")
     out = tmp_path / "pred"
-    argv = ["predict", "--run", str(trained_runs[task]), "--images", str(images), "--out", str(out)]
-    if task == "fewshot":  # classify predict has no --no-progress: its bar may stand above the error
-        argv.append("--no-progress")
+    argv = [
+        "predict",
+        "--run",
+        str(trained_runs[task]),
+        "--images",
+        str(images),
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     rc, _, err = run_cli(capsys, argv)
-    assert_one_line_error(rc, err, culprit, case.message, allow_progress=task != "fewshot")
+    assert_one_line_error(rc, err, culprit, case.message)
     assert not (out / "predictions.csv").exists()
+
+
+BROKEN_RUN_CONFIGS = {
+    "not_yaml": "task: [unclosed\n",
+    "a_list": "- 1\n- 2\n",
+    "wrong_task": "task: somethingelse\n",
+    "empty": "",
+}
+
+
+@pytest.mark.parametrize("task", ["classify", "fewshot", "segment"])
+@pytest.mark.parametrize("broken", list(BROKEN_RUN_CONFIGS))
+def test_predict_with_a_broken_run_config_is_one_line(
+    tmp_path, capsys, trained_runs, task: str, broken: str
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained_runs[task], run)
+    (run / "config.yaml").write_text(BROKEN_RUN_CONFIGS[broken])
+    if task == "segment":
+        volume = next(trained_runs["segment"].parent.joinpath("volumes").rglob("*.nii.gz"))
+        argv = ["predict", "--run", str(run), "--input", str(volume), "--out", str(tmp_path / "m.nii.gz")]
+    else:
+        image = tmp_path / "img.png"
+        Image.fromarray(np.zeros((32, 32), np.uint8)).save(image)
+        argv = [
+            "predict",
+            "--run",
+            str(run),
+            "--images",
+            str(image),
+            "--out",
+            str(tmp_path / "p"),
+            "--no-progress",
+        ]
+    rc, _, err = run_cli(capsys, argv)
+    assert_one_line_error(rc, err, run / "config.yaml", r"YAML|mapping|task is|unknown task|no `task:` key")
 
 
 @pytest.mark.parametrize(

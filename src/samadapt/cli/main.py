@@ -102,11 +102,11 @@ def _dispatch_task_command(command: str, rest: list[str], debug: bool) -> int:
     pre.add_argument("--config", type=Path)
     pre.add_argument("--run", type=Path)
     known, _ = pre.parse_known_args(rest)
-    task = known.task
+    task, source = known.task, None
     if task is None and known.config is not None:
-        task = _config_value(known.config, "task")
+        task, source = _config_value(known.config, "task"), known.config
     if task is None and known.run is not None:
-        task = _config_value(known.run / "config.yaml", "task")
+        task, source = _config_value(known.run / "config.yaml", "task"), known.run / "config.yaml"
         if task is None and "-h" not in rest and "--help" not in rest:
             raise ConfigError(f"{known.run / 'config.yaml'}: no `task:` key (not a run samadapt wrote?)")
     wants_help = "-h" in rest or "--help" in rest
@@ -118,6 +118,8 @@ def _dispatch_task_command(command: str, rest: list[str], debug: bool) -> int:
             command
         ]
         raise ConfigError(f"samadapt {command}: say which task with {where}")
+    if source is not None and task not in TASKS:
+        raise ConfigError(f"{source}: unknown task {task!r}; choose one of {', '.join(TASKS)}")
     module = _task_module(task)
     parser = argparse.ArgumentParser(prog=f"samadapt {command} --task {task}")
     parser.add_argument("--task", choices=list(TASKS), default=task)
@@ -132,17 +134,9 @@ def _dispatch_task_command(command: str, rest: list[str], debug: bool) -> int:
 
 
 def _config_value(path: Path, key: str) -> str | None:
-    import yaml
+    from samadapt.training.config import read_yaml_mapping
 
-    if not path.is_file():
-        raise ConfigError(f"{path}: file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of keys to values")
-    value = data.get(key)
+    value = read_yaml_mapping(path, what="file").get(key)
     return str(value) if value is not None else None
 
 

@@ -16,18 +16,44 @@ from samadapt.errors import ConfigError
 from samadapt.utils.atomic import atomic_write_text
 
 
-def load_yaml_config(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a YAML mapping; keys are normalised to argparse destinations (`label-fraction` -> `label_fraction`)."""
+def read_yaml_mapping(path: str | os.PathLike[str], *, what: str = "config file") -> dict[str, Any]:
+    """A YAML file that must hold a mapping (an empty file is an empty one); any problem is a ConfigError
+    naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        raise ConfigError(f"{path}: {what} not found")
     try:
         data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of flag names to values, found {type(data).__name__}")
+        raise ConfigError(f"{path}: expected a mapping of settings, found {type(data).__name__}")
+    return data
+
+
+def load_yaml_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a YAML mapping; keys are normalised to argparse destinations (`label-fraction` -> `label_fraction`)."""
+    data = read_yaml_mapping(path)
     return {str(key).replace("-", "_"): value for key, value in data.items()}
+
+
+def read_run_config(
+    run: str | os.PathLike[str], *, task: str, required: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """RUN/config.yaml of a `samadapt train` run of `task`, with the keys `predict` cannot guess present."""
+    path = Path(run) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{run}: not a run folder written by `samadapt train` (no config.yaml)")
+    data = read_yaml_mapping(path, what="run config")
+    if data.get("task") != task:
+        raise ConfigError(f"{path}: task is {data.get('task')!r}, expected {task!r}")
+    missing = [key for key in required if key not in data]
+    if missing:
+        raise ConfigError(
+            f"{path}: missing key(s) {', '.join(missing)}; this file is written by `samadapt train` "
+            "(train the run again, or restore its config.yaml)"
+        )
+    return data
 
 
 # Namespace attribute listing the destinations given on the command line (set by `mark_explicit`).

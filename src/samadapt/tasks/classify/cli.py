@@ -98,13 +98,15 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--store", default=None, help="embedding store directory (default OUT/embeddings)")
     parser.add_argument("--device", default=None)
+    if not any(a.dest == "no_progress" for a in parser._actions):
+        parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def predict(args: argparse.Namespace) -> int:
     from samadapt.tasks.classify.predict import predict_images
 
     csv_path = predict_images(run=Path(args.run), images=list(args.images), out=Path(args.out), store=args.store,
-                              device=args.device)  # fmt: skip
+                              device=args.device, progress=not args.no_progress)  # fmt: skip
     print(f"predictions: {csv_path}")
     return 0
 

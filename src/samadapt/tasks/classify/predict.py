@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from samadapt.encoders.checkpoint import check_finite
 from samadapt.errors import CheckpointError, ConfigError, DataError
@@ -25,6 +24,7 @@ from samadapt.tasks.classify.linear_probe import probe_probabilities
 from samadapt.tasks.classify.prepare import load_encoder_for
 from samadapt.tasks.classify.train import backbone_norm, build_model
 from samadapt.training import load_weights
+from samadapt.training.config import read_run_config
 
 log = logging.getLogger(__name__)
 BATCH = 32
@@ -36,22 +36,7 @@ REQUIRED_RUN_KEYS = ("task", "method", "class_names", "backbone", "encoder", "im
 
 def load_run(run: Path) -> tuple[ClassifyConfig, list[str], dict | None]:
     path = Path(run) / "config.yaml"
-    if not path.is_file():
-        raise ConfigError(f"{run}: not a run folder (no config.yaml)")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of settings, found {type(data).__name__}")
-    if data.get("task") != "classify":
-        raise ConfigError(f"{path}: task is {data.get('task')!r}, expected 'classify'")
-    missing = [key for key in REQUIRED_RUN_KEYS if key not in data]
-    if missing:
-        raise ConfigError(
-            f"{path}: missing key(s) {', '.join(missing)}; this file is written by `samadapt train` "
-            "(train the run again, or restore its config.yaml)"
-        )
+    data = read_run_config(run, task="classify", required=REQUIRED_RUN_KEYS)
     class_names = data.pop("class_names")
     if (
         not isinstance(class_names, list)
@@ -119,7 +104,13 @@ def list_image_files(items: list[str]) -> list[Path]:
 
 
 def predict_images(
-    *, run: Path, images: list[str], out: Path, store: str | None = None, device: str | None = None
+    *,
+    run: Path,
+    images: list[str],
+    out: Path,
+    store: str | None = None,
+    device: str | None = None,
+    progress: bool = False,
 ) -> Path:
     """Write OUT/predictions.csv (class and probabilities per image) and, for slca, OUT/overlays/<name>.png."""
     from samadapt.data import read_image
@@ -146,6 +137,7 @@ def predict_images(
             store_dir=store or out / "embeddings",
             feature=cfg.sam_feature,
             batch_size=cfg.embed_batch_size,
+            progress=progress,
         )
     if cfg.method == "linear-probe":
         features = global_sam_features(embeddings)

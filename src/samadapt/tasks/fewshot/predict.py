@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from samadapt.encoders.checkpoint import sha256_file
 from samadapt.encoders.clip import load_clip
@@ -18,23 +17,13 @@ from samadapt.tasks.fewshot.heads import load_learned_state
 from samadapt.tasks.fewshot.inputs import LazyImages, prepare_inputs
 from samadapt.tasks.fewshot.methods import FewShotOptions, build_model, evaluate_probs, get_method
 from samadapt.tasks.fewshot.overlay import OverlayStyle, render_overlay
+from samadapt.training.config import read_run_config
 from samadapt.training.weights import load_weights
 from samadapt.utils.atomic import atomic_write_with
 
 
 def load_run_config(run: Path) -> dict:
-    path = Path(run) / "config.yaml"
-    if not path.is_file():
-        raise ConfigError(f"{run}: not a trained run (no config.yaml)")
-    try:
-        config = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: unreadable run config ({str(exc).splitlines()[0]})") from None
-    if not isinstance(config, dict) or config.get("task") != "fewshot":
-        raise ConfigError(
-            f"{path}: not a few-shot run (task {config.get('task') if isinstance(config, dict) else None!r})"
-        )
-    return config
+    return read_run_config(run, task="fewshot")
 
 
 def options_from_dict(raw: dict) -> FewShotOptions:

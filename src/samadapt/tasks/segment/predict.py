@@ -9,9 +9,10 @@ import numpy as np
 import torch
 
 from samadapt.data.volumes import Volume, read_volume_file
-from samadapt.errors import ConfigError, DataError
+from samadapt.errors import CheckpointError, ConfigError, DataError
 from samadapt.tasks.segment.heads import EMBEDDING_HEADS, build_head
 from samadapt.tasks.segment.inference import predict_volume
+from samadapt.training.config import read_run_config
 from samadapt.training.weights import load_weights
 
 
@@ -19,24 +20,33 @@ class Segmenter:
     """A trained run: `predict(volume) -> label volume` in the volume's own grid."""
 
     def __init__(self, run: str | Path, *, checkpoint: str | Path | None = None, device: str = "cpu") -> None:
-        import yaml
-
         self.run = Path(run)
         config_path = self.run / "config.yaml"
-        if not config_path.is_file():
-            raise ConfigError(
-                f"{config_path}: not found; is {self.run} a run folder written by `samadapt train`?"
-            )
-        self.config: dict[str, Any] = yaml.safe_load(config_path.read_text())
-        if self.config.get("task") != "segment":
-            raise ConfigError(f"{config_path}: task is {self.config.get('task')!r}, not 'segment'")
-        self.head_name = self.config["head"]
-        self.head = build_head(
-            self.head_name,
-            num_classes=int(self.config["num_classes"]),
-            unet_channels=tuple(self.config.get("unet_channels") or (32, 64, 128, 256, 512)),
+        self.config: dict[str, Any] = read_run_config(
+            self.run, task="segment", required=("head", "num_classes", "image_size")
         )
-        self.head.load_state_dict(load_weights(self.run / "head.safetensors"))
+        self.head_name = self.config["head"]
+        if self.head_name in EMBEDDING_HEADS and "encoder" not in self.config:
+            raise ConfigError(
+                f"{config_path}: missing key encoder (the {self.head_name} head needs its encoder)"
+            )
+        try:
+            self.head = build_head(
+                self.head_name,
+                num_classes=int(self.config["num_classes"]),
+                unet_channels=tuple(self.config.get("unet_channels") or (32, 64, 128, 256, 512)),
+            )
+            int(self.config["image_size"])
+        except (TypeError, ValueError) as exc:  # a hand-edited value of the wrong type
+            raise ConfigError(f"{config_path}: a setting has a value of the wrong type ({exc})") from None
+        weights_path = self.run / "head.safetensors"
+        try:
+            self.head.load_state_dict(load_weights(weights_path))
+        except RuntimeError as exc:  # missing/unexpected keys or shapes: weights of another run or head
+            first = str(exc).splitlines()[1:2] or [str(exc)]
+            raise CheckpointError(
+                f"{weights_path}: does not fit the {self.head_name} head of {config_path} ({first[0].strip()})"
+            ) from None
         self.head.eval()
         self.encoder = None
         if self.head_name in EMBEDDING_HEADS:
@@ -45,7 +55,7 @@ class Segmenter:
             ckpt = checkpoint or self.config.get("checkpoint")
             if ckpt is not None and not Path(ckpt).is_file():
                 raise ConfigError(
-                    f"{config_path}: encoder checkpoint {ckpt} not found; pass --checkpoint FILE"
+                    f"{self.run / 'config.yaml'}: encoder checkpoint {ckpt} not found; pass --checkpoint FILE"
                 )
             self.encoder = load_encoder(
                 self.config["encoder"],
