@@ -45,9 +45,11 @@ def _error(message: object) -> int:
     return 2
 
 
-def _task_module(task: str) -> ModuleType:
+def _task_module(task: str, *, source: Path | None = None) -> ModuleType:
+    """The task's CLI module; `source` is the file the task name came from, named in the error."""
     if task not in TASKS:
-        raise ConfigError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+        where = f"{source}: " if source is not None else ""
+        raise ConfigError(f"{where}unknown task {task!r}; choose one of {', '.join(TASKS)}")
     return importlib.import_module(TASKS[task])
 
 
@@ -118,9 +120,7 @@ def _dispatch_task_command(command: str, rest: list[str], debug: bool) -> int:
             command
         ]
         raise ConfigError(f"samadapt {command}: say which task with {where}")
-    if source is not None and task not in TASKS:
-        raise ConfigError(f"{source}: unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    module = _task_module(task)
+    module = _task_module(task, source=source)
     parser = argparse.ArgumentParser(prog=f"samadapt {command} --task {task}")
     parser.add_argument("--task", choices=list(TASKS), default=task)
     parser.add_argument("--debug", action="store_true", default=debug, help="show full tracebacks")

@@ -188,12 +188,13 @@ def read_medmnist(path: Path, *, class_names: Sequence[str] | None = None) -> Im
         numeric = labels.dtype == np.bool_ or (
             np.issubdtype(labels.dtype, np.number) and not np.issubdtype(labels.dtype, np.complexfloating)
         )
-        if not numeric:  # text ("benign"), bytes, datetimes...: np.round would raise TypeError
+        # text ("benign"), bytes, datetimes fail before np.round, which would raise TypeError on them
+        if not numeric or (
+            not np.issubdtype(labels.dtype, np.integer) and not np.array_equal(labels, np.round(labels))
+        ):
             raise DataError(
                 f"{path}: {split}_labels must be integers (class indices), found dtype {labels.dtype}"
             )
-        if not np.issubdtype(labels.dtype, np.integer) and not np.array_equal(labels, np.round(labels)):
-            raise DataError(f"{path}: {split}_labels must be integers, found dtype {labels.dtype}")
         label_parts.append(labels.astype(np.int64))
         ids.extend(f"{path.name}#{split}/{row}" for row in range(shape[0]))
         locators.extend((split, row) for row in range(shape[0]))

@@ -116,7 +116,7 @@ def read_volume_file(
         except OSError as exc:
             raise DataError(f"{p}: not a readable PNG ({exc})") from None
         if arr.ndim == 3:
-            colour = arr[..., :3]
+            colour = arr[..., :3] if arr.shape[-1] >= 3 else arr[..., :1]  # alpha carries no label
             if label and not (colour == colour[..., :1]).all():
                 raise DataError(
                     f"{p}: a colour label PNG ({mode}); save labels as grey or palette PNGs holding the label "

@@ -87,7 +87,6 @@ def embed_dataset(
         plan = None
         if store is not None:
             store.manifest.ingest_journals(root)  # entries of an interrupted distributed run
-            _heal(store, list(first_index), config, outputs)
             plan = (_missing(store, list(first_index), config, outputs), uuid.uuid4().hex[:12])
         todo, run_id = broadcast(plan)
         my_todo = list(todo.items())[rank::world]
@@ -198,10 +197,16 @@ def _locations(
     return {o: [found[k] for k in ks] for o, ks in keys.items()}
 
 
-def _heal(store: EmbeddingStore, digests: list[str], config: str, outputs: list[str]) -> None:
-    """Drop the entries of this dataset whose shard file was deleted or cut short: they are recomputed."""
-    keys = [entry_key(d, config, o) for d in digests for o in outputs]
-    broken, dropped = store.verify(keys)
+def _missing(
+    store: EmbeddingStore, digests: list[str], config: str, outputs: list[str]
+) -> dict[str, list[str]]:
+    """{digest: outputs not yet stored} for the digests that miss at least one output, in input order.
+
+    Entries whose shard file was deleted or cut short count as missing (and leave the manifest): a rerun heals
+    the store."""
+    wanted = {(d, o): entry_key(d, config, o) for d in digests for o in outputs}
+    found = store.locate(list(wanted.values()))
+    broken, dropped = store.verify_locations(found.values())
     if broken:
         warnings.warn(
             f"{store.root}: {len(broken)} shard file(s) missing or truncated (e.g. {broken[0]}); "
@@ -209,14 +214,8 @@ def _heal(store: EmbeddingStore, digests: list[str], config: str, outputs: list[
             UserWarning,
             stacklevel=3,
         )
-
-
-def _missing(
-    store: EmbeddingStore, digests: list[str], config: str, outputs: list[str]
-) -> dict[str, list[str]]:
-    """{digest: outputs not yet stored} for the digests that miss at least one output, in input order."""
-    wanted = {(d, o): entry_key(d, config, o) for d in digests for o in outputs}
-    present = set(store.locate(list(wanted.values())))
+    lost = set(broken)
+    present = {key for key, location in found.items() if location.shard not in lost}
     todo: dict[str, list[str]] = {}
     for (digest, output), key in wanted.items():
         if key not in present:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -155,12 +155,18 @@ class EmbeddingStore:
         (the broken shards, relative to the store root, and the number of entries dropped).
         """
         if keys is None:
-            extents = self.manifest.shard_extents()
-        else:
-            extents = {}
-            for location in self.manifest.locate(keys).values():
-                rows, _ = extents.get(location.shard, (0, location.shape))
-                extents[location.shard] = (max(rows, location.row + 1), location.shape)
+            return self._drop_broken(self.manifest.shard_extents())
+        return self.verify_locations(self.manifest.locate(keys).values())
+
+    def verify_locations(self, locations: Iterable[Location]) -> tuple[list[str], int]:
+        """`verify` for entries already located (saves a second manifest lookup)."""
+        extents: dict[str, tuple[int, tuple[int, ...]]] = {}
+        for location in locations:
+            rows, _ = extents.get(location.shard, (0, location.shape))
+            extents[location.shard] = (max(rows, location.row + 1), location.shape)
+        return self._drop_broken(extents)
+
+    def _drop_broken(self, extents: Mapping[str, tuple[int, tuple[int, ...]]]) -> tuple[list[str], int]:
         broken = sorted(
             shard
             for shard, (rows, shape) in extents.items()

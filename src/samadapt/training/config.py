@@ -6,6 +6,7 @@ A flag given on the command line wins over the same key in `--config FILE`; the 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,30 @@ def read_run_config(
             "(train the run again, or restore its config.yaml)"
         )
     return data
+
+
+def require(
+    flag: str,
+    value: float,
+    *,
+    at_least: float | None = None,
+    above: float | None = None,
+    at_most: float | None = None,
+) -> None:
+    """A flag's value is a finite number in its range, or one ConfigError naming the flag (NaN fails every
+    bound). Values argparse lets through but torch would reject deep inside a run (Adam with lr nan, batch 0)."""
+    ok = (
+        math.isfinite(value)
+        and (at_least is None or value >= at_least)
+        and (above is None or value > above)
+        and (at_most is None or value <= at_most)
+    )
+    if not ok:
+        bounds = [f">= {at_least:g}" if at_least is not None else "", f"> {above:g}" if above is not None else "",
+                  f"<= {at_most:g}" if at_most is not None else ""]  # fmt: skip
+        raise ConfigError(
+            f"{flag} must be a finite number {' and '.join(b for b in bounds if b)}, got {value}"
+        )
 
 
 # Namespace attribute listing the destinations given on the command line (set by `mark_explicit`).

@@ -53,8 +53,19 @@ def resume_dir(run: str | Path) -> Path:
 
 
 def normalise_fingerprint(fingerprint: dict[str, Any] | None) -> dict[str, Any]:
-    """The fingerprint as it reads back from JSON (tuples become lists, paths strings)."""
-    return json.loads(json.dumps(fingerprint or {}, default=str))
+    """The fingerprint as it reads back from JSON (tuples become lists, paths strings), nested settings as
+    dotted keys (`options.lr`), so that a refused resume names the one setting that differs."""
+    return _flat(json.loads(json.dumps(fingerprint or {}, default=str)))
+
+
+def _flat(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 # What a finished run holds that marks it finished or that `predict` reads, most telling first: metrics.json is

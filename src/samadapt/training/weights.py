@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from samadapt.errors import CheckpointError
 from samadapt.utils.atomic import atomic_write_with
@@ -31,3 +32,15 @@ def load_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+
+
+def load_weights_into(
+    model: nn.Module, state: dict[str, torch.Tensor], *, path: str | os.PathLike[str]
+) -> None:
+    """`model.load_state_dict(state, strict=True)`; weights of another run or model (missing or unexpected keys,
+    other shapes) raise one CheckpointError naming `path` instead of torch's multi-line RuntimeError."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())[:300]
+        raise CheckpointError(f"{path}: does not fit the run's model ({detail})") from None

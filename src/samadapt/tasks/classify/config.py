@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from samadapt.errors import ConfigError
+from samadapt.training.config import require
 
 METHODS = ("slca", "baseline", "linear-probe")
 AUGMENTS = ("flip", "photometric", "none")
@@ -67,12 +67,9 @@ class ClassifyConfig:
             "slca_reduction",
             "image_size",
         ):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if not (math.isfinite(float(self.lr)) and float(self.lr) > 0):
-            raise ConfigError(f"--lr must be a finite number > 0, got {self.lr}")
-        if not (math.isfinite(float(self.weight_decay)) and float(self.weight_decay) >= 0):
-            raise ConfigError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
+            require(f"--{name.replace('_', '-')}", int(getattr(self, name)), at_least=1)
+        require("--lr", float(self.lr), above=0)
+        require("--weight-decay", float(self.weight_decay), at_least=0)
         if not self.data:
             raise ConfigError("--data is required (a dataset folder, .npz, CSV manifest or ISIC layout)")
         return self

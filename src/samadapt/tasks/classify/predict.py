@@ -25,6 +25,7 @@ from samadapt.tasks.classify.prepare import load_encoder_for
 from samadapt.tasks.classify.train import backbone_norm, build_model
 from samadapt.training import load_weights
 from samadapt.training.config import read_run_config
+from samadapt.training.weights import load_weights_into
 
 log = logging.getLogger(__name__)
 BATCH = 32
@@ -168,11 +169,7 @@ def predict_images(
 def _network_probs(cfg, class_names, weights, arrays, embeddings, encoder, *, weights_path):
     sam_channels = int(embeddings.shape[1]) if embeddings is not None else 0
     model = build_model(cfg, num_classes=len(class_names), sam_channels=sam_channels)
-    try:
-        model.load_state_dict(weights, strict=True)
-    except RuntimeError as exc:
-        detail = " ".join(str(exc).split())[:300]
-        raise CheckpointError(f"{weights_path}: does not fit the run's config: {detail}") from None
+    load_weights_into(model, weights, path=weights_path)
     model.eval()
     mean, std = backbone_norm(model)
     images = resize_for_backbone(arrays, cfg.image_size)

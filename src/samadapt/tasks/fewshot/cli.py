@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 from pathlib import Path
 
 from samadapt.errors import ConfigError
@@ -190,26 +189,22 @@ def _check_numbers(args: argparse.Namespace) -> None:
     loads (a sweep would otherwise fail after its first runs)."""
     at_least = {"points_per_side": 1, "batch_size": 1, "epochs": 1, "coop_epochs": 1, "tip_epochs": 1,
                 "coop_n_ctx": 1, "patience": 0, "split_seed": 0, "overlay_outline_width": 0}  # fmt: skip
+    from samadapt.training.config import require
+
+    def flag(key: str) -> str:
+        return f"--{key.replace('_', '-')}"
+
     for key, low in at_least.items():
-        value = getattr(args, key)
-        if value < low:
-            raise ConfigError(f"--{key.replace('_', '-')} {value}: must be >= {low}")
-    if args.masker_image_size is not None and args.masker_image_size < 1:
-        raise ConfigError(f"--masker-image-size {args.masker_image_size}: must be >= 1")
+        require(flag(key), getattr(args, key), at_least=low)
+    if args.masker_image_size is not None:
+        require("--masker-image-size", args.masker_image_size, at_least=1)
     for key in ("lr", "coop_lr", "tip_lr"):
-        value = getattr(args, key)
-        if not (math.isfinite(value) and value > 0):
-            raise ConfigError(f"--{key.replace('_', '-')} {value}: must be a finite number > 0")
-    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
-        raise ConfigError(f"--weight-decay {args.weight_decay}: must be a finite number >= 0")
+        require(flag(key), getattr(args, key), above=0)
+    require("--weight-decay", args.weight_decay, at_least=0)
     for key in ("tip_alpha", "tip_beta", "attn_strength"):
-        value = getattr(args, key)
-        if not math.isfinite(value):
-            raise ConfigError(f"--{key.replace('_', '-')} {value}: must be a finite number")
+        require(flag(key), getattr(args, key))
     for key in ("overlay_alpha", "max_area_fraction", "pred_iou_thresh", "stability_score_thresh"):
-        value = getattr(args, key)
-        if not 0 <= value <= 1:  # NaN fails too
-            raise ConfigError(f"--{key.replace('_', '-')} {value}: must be in [0, 1]")
+        require(flag(key), getattr(args, key), at_least=0, at_most=1)
 
 
 def config_from_args(args: argparse.Namespace):

@@ -243,18 +243,7 @@ def fingerprint(cfg: FewShotConfig, res: Resources) -> dict[str, Any]:
         else None
     )
     settings["class_names"] = list(res.class_names)
-    return _flat(settings)
-
-
-def _flat(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested settings as dotted keys (`options.lr`), so a refused --resume names the one that differs."""
-    flat: dict[str, Any] = {}
-    for key, value in mapping.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
+    return settings
 
 
 def _gallery(out, method, kind, res, indices, probs, y_true, test_in, opts) -> list[tuple[str, Path]]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 from samadapt.errors import ConfigError
@@ -65,12 +64,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _check_numbers(args: argparse.Namespace) -> None:
     """Refuse flag values that would only fail deep inside torch (Adam with lr nan, a DataLoader of batch 0)."""
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        raise ConfigError(f"--lr must be a finite number > 0, got {args.lr}")
+    from samadapt.training.config import require
+
+    require("--lr", args.lr, above=0)
     for flag, value, least in (("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1),
                                ("--patience", args.patience, 1), ("--aug-views", args.aug_views, 0)):  # fmt: skip
-        if value < least:
-            raise ConfigError(f"{flag} must be >= {least}, got {value}")
+        require(flag, value, at_least=least)
     channels = tuple(args.unet_channels)
     if len(channels) < 2 or min(channels) < 1:
         raise ConfigError(

@@ -9,11 +9,11 @@ import numpy as np
 import torch
 
 from samadapt.data.volumes import Volume, read_volume_file
-from samadapt.errors import CheckpointError, ConfigError, DataError
+from samadapt.errors import ConfigError, DataError
 from samadapt.tasks.segment.heads import EMBEDDING_HEADS, build_head
 from samadapt.tasks.segment.inference import predict_volume
 from samadapt.training.config import read_run_config
-from samadapt.training.weights import load_weights
+from samadapt.training.weights import load_weights, load_weights_into
 
 
 class Segmenter:
@@ -40,13 +40,7 @@ class Segmenter:
         except (TypeError, ValueError) as exc:  # a hand-edited value of the wrong type
             raise ConfigError(f"{config_path}: a setting has a value of the wrong type ({exc})") from None
         weights_path = self.run / "head.safetensors"
-        try:
-            self.head.load_state_dict(load_weights(weights_path))
-        except RuntimeError as exc:  # missing/unexpected keys or shapes: weights of another run or head
-            first = str(exc).splitlines()[1:2] or [str(exc)]
-            raise CheckpointError(
-                f"{weights_path}: does not fit the {self.head_name} head of {config_path} ({first[0].strip()})"
-            ) from None
+        load_weights_into(self.head, load_weights(weights_path), path=weights_path)
         self.head.eval()
         self.encoder = None
         if self.head_name in EMBEDDING_HEADS:
@@ -55,7 +49,7 @@ class Segmenter:
             ckpt = checkpoint or self.config.get("checkpoint")
             if ckpt is not None and not Path(ckpt).is_file():
                 raise ConfigError(
-                    f"{self.run / 'config.yaml'}: encoder checkpoint {ckpt} not found; pass --checkpoint FILE"
+                    f"{config_path}: encoder checkpoint {ckpt} not found; pass --checkpoint FILE"
                 )
             self.encoder = load_encoder(
                 self.config["encoder"],

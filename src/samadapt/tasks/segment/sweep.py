@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from samadapt.data.volumes import read_volumes
 from samadapt.errors import ConfigError
 from samadapt.tasks.segment.train import run_segmentation, training_patients
 
@@ -43,9 +44,9 @@ def run_sweep(
     if train_kwargs.get("store") is None:
         train_kwargs["store"] = out / "store"
     rows: list[dict[str, Any]] = []
+    dataset = read_volumes(train_kwargs["data"], label_names=train_kwargs.get("label_names"))
     for seed in seeds:
-        available = len(training_patients(train_kwargs["data"], seed=seed, splits_file=train_kwargs.get("splits_file"),
-                                          label_names=train_kwargs.get("label_names")))  # fmt: skip
+        available = len(training_patients(dataset, seed=seed, splits_file=train_kwargs.get("splits_file")))
         for size in train_volumes:
             n = _size(size)
             if n is not None and n > available:

@@ -112,14 +112,9 @@ def _resolve_splits(dataset: VolumeDataset, *, seed: int, splits_file: Path | No
 
 
 def training_patients(
-    data: str | Path,
-    *,
-    seed: int,
-    splits_file: str | Path | None = None,
-    label_names: list[str] | None = None,
+    dataset: VolumeDataset, *, seed: int, splits_file: str | Path | None = None
 ) -> list[str]:
     """The training patients `run_segmentation` draws `--train-volumes` from, for this data and seed."""
-    dataset = read_volumes(data, label_names=label_names)
     return _resolve_splits(dataset, seed=seed, splits_file=Path(splits_file) if splits_file else None)[
         "train"
     ]
