@@ -11,10 +11,12 @@ import pytest
 import yaml
 
 from samadapt.encoders.clip import write_tiny_clip
-from samadapt.encoders.masks import MaskerSettings, write_tiny_sam2
+from samadapt.encoders.masks import write_tiny_sam2
+from samadapt.engine.lifecycle import execute_run
+from samadapt.tasks.fewshot.config import FewShotConfig
 from samadapt.tasks.fewshot.heads import load_learned_state
-from samadapt.tasks.fewshot.methods import METHODS, FewShotOptions, build_model, evaluate_probs
-from samadapt.tasks.fewshot.run import FewShotConfig, load_resources, run_fewshot, with_method
+from samadapt.tasks.fewshot.methods import METHODS, build_model, evaluate_probs
+from samadapt.tasks.fewshot.task import FewShotTask
 from samadapt.tasks.fewshot.synthetic import CLASS_NAMES, write_toy_npz
 from samadapt.training.weights import load_weights
 
@@ -35,12 +37,12 @@ def setup(tmp_path_factory):
         masker_checkpoint=str(write_tiny_sam2(root / "tiny_sam2.pt")),
         masker_arch="tiny",
         masker_image_size=128,
-        masker_settings=MaskerSettings(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0),
+        points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0,
         class_names=list(CLASS_NAMES),
         data_fraction=0.5,
-        options=FewShotOptions(epochs=2, coop_epochs=2, tip_epochs=2, coop_n_ctx=4, lr=1e-4, progress=False),
+        epochs=2, coop_epochs=2, tip_epochs=2, coop_n_ctx=4, lr=1e-4, progress=False, out=str(root),
     )
-    res = load_resources(cfg, methods=list(METHODS), out=root)
+    res = FewShotTask().prepare(cfg, progress=False)
     return cfg, res, root
 
 
@@ -48,7 +50,7 @@ def setup(tmp_path_factory):
 def test_method_trains_and_evaluates(setup, method):
     cfg, res, root = setup
     out = root / method
-    metrics = run_fewshot(with_method(cfg, method=method, fraction=0.5, seed=1, out=out), res, out)
+    metrics = execute_run(FewShotTask(), cfg.replace(method=method, seed=1, out=str(out)), prepared=res)
     assert metrics["n_train"] == 6 and metrics["n_test"] == 6 and metrics["method"] == method
     for split in ("val", "test"):
         assert 0.0 <= metrics[split]["accuracy"] <= 1.0 and np.isfinite(metrics[split]["loss"])

@@ -1,6 +1,6 @@
 """`samadapt embed`: embed a dataset with a frozen encoder into the embedding store (resumable, torchrun-able).
 
-samadapt embed --encoder sam_vit_b --checkpoint sam_vit_b_01ec64.pth --data data/breastmnist.npz --cache cache/
+samadapt embed --encoder sam_vit_b --checkpoint sam_vit_b_01ec64.pth --data data/breastmnist.npz --store cache/
 torchrun --nproc_per_node 4 -m samadapt embed ... --device cuda      # one GPU per process, see docs/distributed.md
 """
 
@@ -28,13 +28,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("images", "imagefolder", "medmnist", "manifest", "isic"),
         help="dataset layout (default: detected); e.g. images for unlabelled images in per-patient subfolders",
     )
+    from samadapt.engine.flags import DeprecatedFlag
+
     parser.add_argument(
-        "--cache", type=Path, required=True, help="embedding store directory (created if missing)"
+        "--store", dest="cache", type=Path, default=None, help="embedding store directory (created if missing)"
     )
+    parser.add_argument("--cache", dest="cache", type=Path, action=DeprecatedFlag, canonical="--store",
+                        help=argparse.SUPPRESS)  # fmt: skip
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="encoder precision")
     parser.add_argument(
-        "--image-size", type=int, default=None, help="square encoder input size (default 1024)"
-    )
+        "--encoder-image-size", dest="image_size", type=int, default=None,
+        help="square encoder input size (default: the encoder's, 1024)",
+    )  # fmt: skip
+    parser.add_argument("--image-size", dest="image_size", type=int, action=DeprecatedFlag,
+                        canonical="--encoder-image-size", help=argparse.SUPPRESS)  # fmt: skip
     parser.add_argument(
         "--batch-size", type=int, default=1, help="images per encoder call and per written shard"
     )
@@ -90,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
     from samadapt.store import embed_dataset, open_store
     from samadapt.store.distributed import init_from_env, rank_and_world, shutdown
 
+    if args.cache is None:
+        raise ConfigError("--store DIR is required (the embedding store directory)")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device

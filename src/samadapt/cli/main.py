@@ -6,25 +6,16 @@ User mistakes (`SamadaptError`) print one line and exit 2; `--debug` shows the t
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import re
 import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from types import ModuleType
 
 from samadapt import __version__
+from samadapt.engine.registry import TASKS
 from samadapt.errors import ConfigError, SamadaptError
-
-# Task name -> module exposing add_train_arguments/train, add_sweep_arguments/sweep, add_predict_arguments/predict.
-TASKS: dict[str, str] = {
-    "classify": "samadapt.tasks.classify.cli",
-    "segment": "samadapt.tasks.segment.cli",
-    "fewshot": "samadapt.tasks.fewshot.cli",
-}
-
 
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
@@ -43,14 +34,6 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 def _error(message: object) -> int:
     print(f"samadapt: error: {one_line(message)}", file=sys.stderr)
     return 2
-
-
-def _task_module(task: str, *, source: Path | None = None) -> ModuleType:
-    """The task's CLI module; `source` is the file the task name came from, named in the error."""
-    if task not in TASKS:
-        where = f"{source}: " if source is not None else ""
-        raise ConfigError(f"{where}unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    return importlib.import_module(TASKS[task])
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -79,7 +62,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     for command, helptext in (
         ("train", "train a task model (--task classify|segment|fewshot)"),
-        ("sweep", "run a label-efficiency sweep from a YAML config (its `task` key picks the task)"),
+        ("sweep", "run a sweep over methods x budgets x seeds (--task, or a YAML config with `task:`)"),
         ("predict", "predict with a trained run (--run RUN) on new images or volumes"),
     ):
         p = sub.add_parser(command, help=helptext, add_help=False)
@@ -98,46 +81,43 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _dispatch_task_command(command: str, rest: list[str], debug: bool) -> int:
-    """train/sweep/predict: find the task, then let the task's own parser read the remaining flags."""
+    """train/sweep/predict: find the task (--task, the --config file's `task:`, or the run's config.yaml), then the
+    engine parses the task's flags from its config model."""
+    from samadapt.engine.config import read_yaml_mapping
+
     pre = argparse.ArgumentParser(prog=f"samadapt {command}", add_help=False)
     pre.add_argument("--task", choices=list(TASKS))
     pre.add_argument("--config", type=Path)
     pre.add_argument("--run", type=Path)
     known, _ = pre.parse_known_args(rest)
     task, source = known.task, None
-    if task is None and known.config is not None:
-        task, source = _config_value(known.config, "task"), known.config
-    if task is None and known.run is not None:
-        task, source = _config_value(known.run / "config.yaml", "task"), known.run / "config.yaml"
+    if task is None and known.config is not None and command != "predict":
+        value = read_yaml_mapping(known.config).get("task")
+        task, source = (str(value) if value is not None else None), known.config
+    if task is None and known.run is not None and command == "predict":
+        path = known.run / "config.yaml"
+        if not path.is_file():
+            raise ConfigError(f"{known.run}: not a run folder written by `samadapt train` (no config.yaml)")
+        value = read_yaml_mapping(path, what="run config").get("task")
+        task, source = (str(value) if value is not None else None), path
         if task is None and "-h" not in rest and "--help" not in rest:
-            raise ConfigError(f"{known.run / 'config.yaml'}: no `task:` key (not a run samadapt wrote?)")
+            raise ConfigError(f"{path}: no `task:` key (not a run samadapt wrote?)")
     wants_help = "-h" in rest or "--help" in rest
     if task is None:
         if wants_help:
             print(f"usage: samadapt {command} --task {{{','.join(TASKS)}}} ... --help for the task's flags")
             return 0
-        where = {"train": "--task", "sweep": "--config CFG (with a `task:` key)", "predict": "--run RUN"}[
-            command
-        ]
-        raise ConfigError(f"samadapt {command}: say which task with {where}")
-    module = _task_module(task, source=source)
-    parser = argparse.ArgumentParser(prog=f"samadapt {command} --task {task}")
-    parser.add_argument("--task", choices=list(TASKS), default=task)
-    parser.add_argument("--debug", action="store_true", default=debug, help="show full tracebacks")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    getattr(module, f"add_{command}_arguments")(parser)
-    args = parser.parse_args(rest)
-    from samadapt.training.config import mark_explicit  # torch-heavy: not imported for `info`
+        where = {
+            "train": "--task",
+            "sweep": "--task (or --config CFG with a `task:` key)",
+            "predict": "--run RUN",
+        }
+        raise ConfigError(f"samadapt {command}: say which task with {where[command]}")
+    from samadapt.engine.cli import dispatch
 
-    mark_explicit(parser, args, rest)
-    return int(getattr(module, command)(args) or 0)
-
-
-def _config_value(path: Path, key: str) -> str | None:
-    from samadapt.training.config import read_yaml_mapping
-
-    value = read_yaml_mapping(path, what="file").get(key)
-    return str(value) if value is not None else None
+    if debug and "--debug" not in rest:
+        rest = [*rest, "--debug"]
+    return dispatch(command, task, rest, source=source)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

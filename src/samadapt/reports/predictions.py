@@ -11,16 +11,15 @@ import numpy as np
 from samadapt.reports.tables import write_csv_rows
 
 
-def write_predictions_csv(
-    path: str | os.PathLike[str],
+def prediction_rows(
     *,
     ids: Sequence[str],
     probs: np.ndarray,
     class_names: Sequence[str],
     y_true: np.ndarray | None = None,
     split: Sequence[str | None] | None = None,
-) -> Path:
-    """Columns: id, [split], [true], predicted, prob_<class>... (class names; probabilities with 6 digits)."""
+) -> list[dict[str, object]]:
+    """Rows id, [split], [true], predicted, prob_<class>... (probabilities with 6 digits), in that column order."""
     probs = np.asarray(probs, dtype=np.float64)
     pred = probs.argmax(axis=1)
     rows = []
@@ -33,6 +32,20 @@ def write_predictions_csv(
         row["predicted"] = class_names[int(pred[i])]
         row.update({f"prob_{name}": f"{probs[i, c]:.6f}" for c, name in enumerate(class_names)})
         rows.append(row)
+    return rows
+
+
+def write_predictions_csv(
+    path: str | os.PathLike[str],
+    *,
+    ids: Sequence[str],
+    probs: np.ndarray,
+    class_names: Sequence[str],
+    y_true: np.ndarray | None = None,
+    split: Sequence[str | None] | None = None,
+) -> Path:
+    """predictions.csv of `prediction_rows`."""
+    rows = prediction_rows(ids=ids, probs=probs, class_names=class_names, y_true=y_true, split=split)
     columns = ["id", *(["split"] if split is not None else []), *(["true"] if y_true is not None else [])]
     columns += ["predicted", *(f"prob_{name}" for name in class_names)]
     return write_csv_rows(path, rows, columns=columns)

@@ -1,12 +1,10 @@
-"""Task-neutral training parts: the loop (`fit`), early stopping, DDP helpers, safetensors weights, run configs.
+"""Task-neutral training parts: the loop (`fit`), early stopping, DDP helpers, safetensors weights.
 
 Tasks build their model, loss and validation and hand them to `fit`; nothing here knows a task.
 """
 
-from samadapt.training.config import load_yaml_config, merge_config, parse_with_config, save_run_config
 from samadapt.training.distributed import (
     DistContext,
-    barrier,
     cleanup_distributed,
     init_distributed,
     unwrap_model,
@@ -21,16 +19,11 @@ __all__ = [
     "DistContext",
     "EarlyStopping",
     "FitResult",
-    "barrier",
     "cleanup_distributed",
     "collect_outputs",
     "fit",
     "init_distributed",
     "load_weights",
-    "load_yaml_config",
-    "merge_config",
-    "parse_with_config",
-    "save_run_config",
     "save_weights",
     "seed_everything",
     "unwrap_model",

@@ -11,7 +11,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,6 @@ class FitResult:
     best_state: dict[str, torch.Tensor]
     stopped_early: bool = False
     seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def fit(
@@ -77,7 +76,7 @@ def fit(
     - With `resume_dir`, the full state (weights, optimizer, scheduler, early stopping, history, RNGs of python,
       numpy, torch and the loader's generator) is saved there after every epoch; with `resume` too, a saved
       state continues the run, so the result equals an uninterrupted run's. `fingerprint` (the run's settings)
-      must match the saved one. The caller deletes the state once its outputs are written (`clear_resume`).
+      must match the saved one. The engine deletes the state once the run's outputs are written.
     """
     ctx = ctx or DistContext()
     stopper = stopper or EarlyStopping(patience=epochs + 1)

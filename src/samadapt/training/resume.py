@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,59 +65,6 @@ def _flat(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
-
-
-# What a finished run holds that marks it finished or that `predict` reads, most telling first: metrics.json is
-# written last (the completion marker), config.yaml and the weights are what `predict` loads.
-RUN_OUTPUTS = (
-    "metrics.json",
-    "config.yaml",
-    "model.safetensors",
-    "head.safetensors",
-    "report.html",
-    "predictions.csv",
-)
-
-
-def start_run(run: str | Path, *, resume: bool) -> None:
-    """Before training into `run`: drop the outputs of an earlier finished run (the new run writes them all
-    again, after training), so a kill cannot leave new config.yaml beside old weights and an old metrics.json;
-    without `resume`, also drop the state an interrupted run left (and say so)."""
-    _drop_outputs(Path(run))
-    directory = resume_dir(run)
-    if not directory.exists():
-        if resume:
-            log.info("%s: no resume state found, training from the start", run)
-        return
-    if resume:
-        return
-    epoch = _saved_epoch(directory)
-    log.warning(
-        "%s holds an interrupted training (%s); starting from scratch (pass --resume to continue it)",
-        run,
-        f"stopped after epoch {epoch}" if epoch is not None else "no finished epoch",
-    )
-    shutil.rmtree(directory, ignore_errors=True)
-
-
-def _drop_outputs(run: Path) -> None:
-    found = [run / name for name in RUN_OUTPUTS if (run / name).is_file()]
-    if [p.name for p in found] == ["config.yaml"]:
-        return  # no weights or metrics beside it: nothing to mismatch (and it may be the user's --config)
-    if not found:
-        return
-    log.warning(
-        "%s holds the outputs of an earlier run (%s); they are replaced by this run's",
-        run,
-        ", ".join(p.name for p in found),
-    )
-    for path in found:  # metrics.json first: a kill in between leaves no run that looks complete
-        path.unlink(missing_ok=True)
-
-
-def clear_resume(run: str | Path) -> None:
-    """The run is complete (metrics.json written): its resume state is no longer needed."""
-    shutil.rmtree(resume_dir(run), ignore_errors=True)
 
 
 def save_resume(directory: Path, state: ResumeState, *, fingerprint: dict[str, Any] | None) -> None:

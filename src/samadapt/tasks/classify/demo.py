@@ -9,9 +9,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from samadapt.engine.sweep import run_sweep
 from samadapt.tasks.classify.config import ClassifyConfig
-from samadapt.tasks.classify.sweep import run_sweep
 from samadapt.tasks.classify.synthetic import make_lesion_dataset
+from samadapt.tasks.classify.task import ClassifyTask
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ def demo_config(
         checkpoint=str(checkpoint) if checkpoint else None,
         encoder_arch=None if checkpoint else "tiny",
         encoder_image_size=128 if not checkpoint else 256,
-        image_size=64,
+        backbone_image_size=64,
         epochs=epochs,
         batch_size=16,
         lr=1e-3,
@@ -40,6 +41,7 @@ def demo_config(
         slca_window=2,
         store=str(out / "embeddings"),
         out=str(out),
+        progress=False,
     )
 
 
@@ -56,14 +58,12 @@ def run_demo(
         )
     cfg = demo_config(data, out_dir, quick=quick, encoder=encoder, checkpoint=checkpoint)
     weights = str(checkpoint) if checkpoint else f"tiny random-weight {encoder} (seed 0; no checkpoint given)"
+    axes = {
+        "method": ["slca", "baseline", "linear-probe"],
+        "label_fraction": [0.2, 1.0],
+        "seed": list(range(seeds)),
+    }
     return run_sweep(
-        cfg,
-        methods=["slca", "baseline", "linear-probe"],
-        fractions=[0.2, 1.0],
-        seeds=seeds,
-        out=out_dir,
-        progress=False,
-        extra_notes=[
-            f"Generated lesion dataset ({n_train}/{n_val}/{n_test} images, 64 px). Encoder weights: {weights}."
-        ],
-    )
+        ClassifyTask(), cfg, axes, out=out_dir,
+        notes=[f"Generated lesion dataset ({n_train}/{n_val}/{n_test} images, 64 px). Encoder weights: {weights}."],
+    )  # fmt: skip

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 
@@ -21,44 +20,12 @@ from samadapt.tasks.classify.features import (
     resize_for_backbone,
 )
 from samadapt.tasks.classify.linear_probe import probe_probabilities
-from samadapt.tasks.classify.prepare import load_encoder_for
 from samadapt.tasks.classify.train import backbone_norm, build_model
 from samadapt.training import load_weights
-from samadapt.training.config import read_run_config
 from samadapt.training.weights import load_weights_into
 
 log = logging.getLogger(__name__)
 BATCH = 32
-
-
-# What `train` writes and `predict` cannot guess: without them a default would silently build another model.
-REQUIRED_RUN_KEYS = ("task", "method", "class_names", "backbone", "encoder", "image_size")
-
-
-def load_run(run: Path) -> tuple[ClassifyConfig, list[str], dict | None]:
-    path = Path(run) / "config.yaml"
-    data = read_run_config(run, task="classify", required=REQUIRED_RUN_KEYS)
-    class_names = data.pop("class_names")
-    if (
-        not isinstance(class_names, list)
-        or len(class_names) < 2
-        or any(isinstance(c, dict | list) for c in class_names)
-    ):
-        raise ConfigError(f"{path}: class_names must be a list of at least 2 names, found {class_names!r}")
-    fields = data.pop("encoder_fields", None)
-    if fields is not None and not isinstance(fields, dict):
-        raise ConfigError(f"{path}: encoder_fields must be a mapping, found {type(fields).__name__}")
-    data.pop("task")
-    try:
-        cfg = ClassifyConfig.from_mapping(data)
-        dataclasses.replace(
-            cfg, data=cfg.data or "-"
-        ).validate()  # `data` is where it trained, not needed here
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
-    except (TypeError, ValueError) as exc:  # a hand-edited value of the wrong type (epochs: many)
-        raise ConfigError(f"{path}: a setting has a value of the wrong type ({exc})") from None
-    return cfg, [str(c) for c in class_names], fields
 
 
 def check_probe_weights(
@@ -106,17 +73,23 @@ def list_image_files(items: list[str]) -> list[Path]:
 
 def predict_images(
     *,
+    cfg: ClassifyConfig,
+    recorded: dict,
     run: Path,
     images: list[str],
     out: Path,
     store: str | None = None,
     device: str | None = None,
+    checkpoint: str | None = None,
     progress: bool = False,
 ) -> Path:
     """Write OUT/predictions.csv (class and probabilities per image) and, for slca, OUT/overlays/<name>.png."""
     from samadapt.data import read_image
 
-    cfg, class_names, fields = load_run(run)
+    class_names = [str(c) for c in recorded.get("class_names") or []]
+    if len(class_names) < 2:
+        raise ConfigError(f"{run / 'config.yaml'}: recorded.class_names must list at least 2 classes")
+    fields = recorded.get("encoder_fields")
     files = list_image_files(images)
     arrays = [read_image(f) for f in files]
     out = Path(out)
@@ -125,21 +98,18 @@ def predict_images(
     weights = load_weights(weights_path)
     check_finite(weights, path=weights_path)
     embeddings = None
+    encoder = None
     if cfg.method != "baseline":
-        encoder = load_encoder_for(cfg, device or "cpu")
+        encoder = cfg.replace(checkpoint=checkpoint).load_encoder(device or "cpu")
         if fields is not None and encoder.cache_key_fields() != fields:
             raise CheckpointError(
-                f"{run}: trained with encoder settings {fields}, but the encoder now loads as {encoder.cache_key_fields()} "
-                "(another checkpoint file or size?)"
+                f"{run}: trained with encoder settings {fields}, but the encoder now loads as "
+                f"{encoder.cache_key_fields()} (another checkpoint file or size?)"
             )
         embeddings = embed_into_store(
-            arrays,
-            encoder=encoder,
-            store_dir=store or out / "embeddings",
-            feature=cfg.sam_feature,
-            batch_size=cfg.embed_batch_size,
-            progress=progress,
-        )
+            arrays, encoder=encoder, store_dir=store or out / "embeddings", feature=cfg.sam_feature,
+            batch_size=cfg.embed_batch_size, progress=progress,
+        )  # fmt: skip
     if cfg.method == "linear-probe":
         features = global_sam_features(embeddings)
         check_probe_weights(
@@ -149,13 +119,7 @@ def predict_images(
         maps = None
     else:
         probs, maps = _network_probs(
-            cfg,
-            class_names,
-            weights,
-            arrays,
-            embeddings,
-            encoder if embeddings is not None else None,
-            weights_path=weights_path,
+            cfg, class_names, weights, arrays, embeddings, encoder, weights_path=weights_path
         )
     ids = [str(f) for f in files]
     csv_path = write_predictions_csv(out / "predictions.csv", ids=ids, probs=probs, class_names=class_names)
@@ -172,7 +136,7 @@ def _network_probs(cfg, class_names, weights, arrays, embeddings, encoder, *, we
     load_weights_into(model, weights, path=weights_path)
     model.eval()
     mean, std = backbone_norm(model)
-    images = resize_for_backbone(arrays, cfg.image_size)
+    images = resize_for_backbone(arrays, cfg.backbone_image_size)
     sam = None
     if embeddings is not None:
         sam = pooled_sam_features(

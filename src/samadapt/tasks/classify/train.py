@@ -1,9 +1,9 @@
-"""One classification run (slca, baseline or linear-probe) on prepared data, writing everything into RUN."""
+"""Fitting one classification method (slca, baseline or linear-probe) on prepared data (`ClassifyTask.fit`)."""
 
 from __future__ import annotations
 
 import logging
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,19 +19,8 @@ from samadapt.tasks.classify.config import ClassifyConfig
 from samadapt.tasks.classify.features import flip_pair, normalise, photometric
 from samadapt.tasks.classify.linear_probe import fit_linear_probe, probe_probabilities
 from samadapt.tasks.classify.model import SlcaClassifier
-from samadapt.tasks.classify.outputs import write_run_outputs
 from samadapt.tasks.classify.prepare import Prepared
-from samadapt.training import (
-    DistContext,
-    EarlyStopping,
-    collect_outputs,
-    fit,
-    save_run_config,
-    save_weights,
-    seed_everything,
-    wrap_model,
-)
-from samadapt.training.resume import clear_resume, resume_dir, start_run
+from samadapt.training import DistContext, EarlyStopping, collect_outputs, fit, seed_everything, wrap_model
 
 log = logging.getLogger(__name__)
 EVAL_BATCH = 64
@@ -40,7 +29,10 @@ EVAL_BATCH = 64
 def build_model(cfg: ClassifyConfig, *, num_classes: int, sam_channels: int) -> SlcaClassifier:
     """The backbone (random or local timm weights), with SLCA blocks at the chosen stages for `slca`."""
     backbone = build_backbone(
-        cfg.backbone, num_classes=num_classes, image_size=cfg.image_size, weights=cfg.backbone_weights
+        cfg.backbone,
+        num_classes=num_classes,
+        image_size=cfg.backbone_image_size,
+        weights=cfg.backbone_weights,
     )
     stages = resolve_stages(cfg.slca_stages, stage_infos(backbone)) if cfg.method == "slca" else []
     return SlcaClassifier(
@@ -62,101 +54,46 @@ def train_indices(cfg: ClassifyConfig, prepared: Prepared) -> np.ndarray:
     return label_fraction_indices(prepared.split["train"], prepared.labels, cfg.label_fraction, cfg.seed)
 
 
-def run_classification(
-    cfg: ClassifyConfig,
-    prepared: Prepared,
-    out: Path,
-    *,
-    ctx: DistContext | None = None,
-    progress: bool = True,
-    resume: bool = False,
-) -> dict[str, Any]:
-    """Train and evaluate one method; on rank 0 write config.yaml, model.safetensors, plots, report, metrics.
-
-    Network training saves its state in RUN/.resume after every epoch; `resume` continues from it.
-    """
-    ctx = ctx or DistContext()
-    out = Path(out)
-    if ctx.is_main:
-        start_run(out, resume=resume)
-    start = time.perf_counter()
-    idx_train = train_indices(cfg, prepared)
-    eval_idx = np.concatenate([prepared.split["val"], prepared.split["test"]])
-    if cfg.method == "linear-probe":
-        probs, history, best_epoch, weights, fit_info = _linear_probe(cfg, prepared, idx_train, eval_idx)
-    else:
-        probs, history, best_epoch, weights, fit_info = _train_network(
-            cfg, prepared, idx_train, eval_idx, ctx, progress, out=out, resume=resume
-        )
-    if not ctx.is_main:
-        return {}
-    n_val = len(prepared.split["val"])
-    y = prepared.labels[eval_idx]
-    metrics: dict[str, Any] = {
-        "val": classification_metrics(y_true=y[:n_val], probs=probs[:n_val]),
-        "test": classification_metrics(y_true=y[n_val:], probs=probs[n_val:]),
-        "n_train": int(len(idx_train)),
-        "n_val": n_val,
-        "n_test": int(len(prepared.split["test"])),
-        "method": cfg.method,
-        "backbone": cfg.backbone if cfg.method != "linear-probe" else None,
-        "encoder": cfg.encoder,
-        "encoder_weights": cfg.checkpoint or f"random ({cfg.encoder_arch or 'default'} arch)",
-        "label_fraction": cfg.label_fraction,
-        "seed": cfg.seed,
-        "best_epoch": best_epoch,
-        "seconds": round(time.perf_counter() - start, 2),
-        "world_size": ctx.world_size,
-        **fit_info,
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    save_run_config(
-        out / "config.yaml", {"task": "classify", **cfg.to_dict(), "class_names": prepared.class_names,
-                              "encoder_fields": prepared.encoder_fields}
-    )  # fmt: skip
-    save_weights(out / "model.safetensors", weights, metadata={"method": cfg.method})
-    notes = [
-        f"method {cfg.method}; encoder {prepared.encoder_description or cfg.encoder}; "
-        f"backbone {cfg.backbone} ({'weights ' + cfg.backbone_weights if cfg.backbone_weights else 'random init'})",
-        f"{len(idx_train)} training images ({cfg.label_fraction:g} of {len(prepared.split['train'])}), seed {cfg.seed}",
-    ]
-    if not cfg.checkpoint:
-        notes.append(
-            "The SAM encoder has RANDOM weights (no checkpoint given): results do not reflect real SAM features."
-        )
-    write_run_outputs(
-        out,
-        metrics=metrics,
-        class_names=prepared.class_names,
-        ids=[prepared.dataset.ids[i] for i in eval_idx],
-        splits=["val"] * n_val + ["test"] * (len(eval_idx) - n_val),
-        y_true=y,
-        probs=probs,
-        history=history,
-        best_epoch=best_epoch,
-        notes=notes,
-    )
-    clear_resume(out)  # metrics.json is written: the run is complete
-    return metrics
-
-
-def _linear_probe(cfg, prepared, idx_train, eval_idx):
+def fit_probe(cfg: ClassifyConfig, prepared: Prepared, idx_train: np.ndarray) -> tuple[dict, dict[str, Any]]:
+    """The linear probe on pooled SAM features, C chosen on the validation split: (weights, info)."""
     x = prepared.sam_global()
     idx_val = prepared.split["val"]
     weights, history, best_c = fit_linear_probe(
         x_train=x[idx_train], y_train=prepared.labels[idx_train], x_val=x[idx_val], y_val=prepared.labels[idx_val],
         num_classes=len(prepared.class_names), monitor=cfg.monitor, seed=cfg.seed,
     )  # fmt: skip
-    info = {"probe_C": best_c, "probe_C_grid": history}
-    return probe_probabilities(weights, x[eval_idx]), None, None, weights, info
+    return weights, {"probe_C": best_c, "probe_C_grid": history}
 
 
-def _train_network(cfg, prepared, idx_train, eval_idx, ctx, progress, *, out: Path, resume: bool):
+def probe_probs(prepared: Prepared, weights: dict, idx: np.ndarray) -> np.ndarray:
+    return probe_probabilities(weights, prepared.sam_global()[idx])
+
+
+class NetworkFit:
+    """A trained slca / baseline network and how to score images with it."""
+
+    def __init__(self, model: SlcaClassifier, inputs: Callable[..., Any], result: Any) -> None:
+        self.model, self.inputs, self.result = model, inputs, result
+
+    def probs(self, idx: np.ndarray) -> np.ndarray:
+        def forward(m: torch.nn.Module, batch_idx: torch.Tensor) -> torch.Tensor:
+            x, s = self.inputs(batch_idx, train=False)
+            return torch.softmax(m(x, s), dim=1)
+
+        chunks = torch.from_numpy(idx).split(EVAL_BATCH)
+        return collect_outputs(self.model, chunks, forward).double().numpy()
+
+
+def train_network(
+    cfg: ClassifyConfig, prepared: Prepared, idx_train: np.ndarray, *, ctx: DistContext, progress: bool,
+    resume_dir: Path | None, resume: bool,
+) -> NetworkFit:  # fmt: skip
+    """slca or baseline through the shared loop (AdamW, cosine, early stopping on --monitor; DDP under torchrun)."""
     generator = seed_everything(cfg.seed + ctx.rank)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     uses_sam = cfg.method == "slca"
     sam = prepared.sam_windows(cfg.slca_window, cfg.slca_pooling) if uses_sam else None
-    images = prepared.images(cfg.image_size)
+    images = prepared.images(cfg.backbone_image_size)
     labels = torch.from_numpy(prepared.labels)
     model = build_model(
         cfg, num_classes=len(prepared.class_names), sam_channels=prepared.sam_channels if uses_sam else 0
@@ -178,18 +115,12 @@ def _train_network(cfg, prepared, idx_train, eval_idx, ctx, progress, *, out: Pa
         x, s = inputs(batch_idx, train=True)
         return F.cross_entropy(m(x, s), labels[batch_idx].to(device))
 
-    def forward_eval(m: torch.nn.Module, batch_idx: torch.Tensor) -> torch.Tensor:
-        x, s = inputs(batch_idx, train=False)
-        return torch.softmax(m(x, s), dim=1)
-
-    def probs_of(m: torch.nn.Module, idx: np.ndarray) -> np.ndarray:
-        chunks = torch.from_numpy(idx).split(EVAL_BATCH)
-        return collect_outputs(m, chunks, forward_eval).double().numpy()
-
     idx_val = prepared.split["val"]
 
     def validate(m: torch.nn.Module) -> dict[str, float]:
-        return classification_metrics(y_true=prepared.labels[idx_val], probs=probs_of(m, idx_val))
+        return classification_metrics(
+            y_true=prepared.labels[idx_val], probs=NetworkFit(m, inputs, None).probs(idx_val)
+        )
 
     train_set = torch.from_numpy(idx_train)
     # BatchNorm cannot train on a batch of 1: drop a last batch of one sample. Under DDP each rank sees
@@ -214,17 +145,6 @@ def _train_network(cfg, prepared, idx_train, eval_idx, ctx, progress, *, out: Pa
         model=ddp_model, train_loader=loader, loss_fn=loss_fn, validate=validate, optimizer=optimizer,
         epochs=cfg.epochs, stopper=stopper, scheduler=scheduler, ctx=ctx, progress=progress,
         desc=f"{cfg.method} f={cfg.label_fraction:g} s={cfg.seed}",
-        resume_dir=resume_dir(out), resume=resume, fingerprint=_fingerprint(cfg),
+        resume_dir=resume_dir, resume=resume, fingerprint=cfg.fingerprint(),
     )  # fmt: skip
-    probs = probs_of(model, eval_idx) if ctx.is_main else None
-    info = {
-        "epochs_run": len(result.history),
-        "stopped_early": result.stopped_early,
-        "train_seconds": round(result.seconds, 2),
-    }
-    return probs, result.history, result.best_epoch, result.best_state, info
-
-
-def _fingerprint(cfg: ClassifyConfig) -> dict[str, Any]:
-    """The settings a resumed run must share with the interrupted one (not where it runs or how it reports)."""
-    return {k: v for k, v in cfg.to_dict().items() if k not in ("out", "device", "store")}
+    return NetworkFit(model, inputs, result)

@@ -10,11 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from samadapt.encoders.clip import write_tiny_clip
-from samadapt.encoders.masks import MaskerSettings, write_tiny_sam2
-from samadapt.tasks.fewshot.methods import FewShotOptions
-from samadapt.tasks.fewshot.run import FewShotConfig
-from samadapt.tasks.fewshot.sweep import run_sweep
+from samadapt.encoders.masks import write_tiny_sam2
+from samadapt.engine.sweep import run_sweep
+from samadapt.tasks.fewshot.config import FewShotConfig
 from samadapt.tasks.fewshot.synthetic import write_toy_npz
+from samadapt.tasks.fewshot.task import FewShotTask
 
 
 def run_demo(out_dir: Path, *, quick: bool = False) -> Path:
@@ -31,11 +31,13 @@ def run_demo(out_dir: Path, *, quick: bool = False) -> Path:
         masker_arch="tiny",
         masker_image_size=128,
         # Random SAM 2 weights score every mask low: keep them all so the overlays have something to show.
-        masker_settings=MaskerSettings(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0),
+        points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0,
         mask_cache=str(out_dir / "masks"),
         class_names=["band", "square"],
         # Fine-tuning real CLIP wants lr 1e-5; a tiny random CLIP learns from scratch and needs a from-scratch lr.
-        options=FewShotOptions(epochs=3 if quick else 10, lr=1e-3, progress=False),
-    )
+        epochs=3 if quick else 10, lr=1e-3, progress=False,
+    )  # fmt: skip
     methods = ["medfocus", "medfocus-attn", "zero-shot", "linear-probe", "tip-adapter"]
-    return run_sweep(cfg, methods=methods, fractions=[0.25, 1.0], seeds=[0], out=out_dir)
+    return run_sweep(
+        FewShotTask(), cfg, {"method": methods, "data_fraction": [0.25, 1.0], "seed": [0]}, out=out_dir
+    )

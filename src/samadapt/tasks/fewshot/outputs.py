@@ -1,16 +1,13 @@
-"""What a few-shot run leaves in RUN: the classification outputs (metrics.json, predictions.csv, confusion
-matrix, ROC, training curves, report.html) plus the mask overlays that explain MedFocusCLIP's input."""
+"""The mask-overlay gallery a few-shot run adds to its report: what MedFocusCLIP's CLIP saw."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from samadapt.reports import new_figure, save_figure
-from samadapt.reports.classification_run import write_classification_run
 
 
 def plot_overlay_gallery(
@@ -41,9 +38,3 @@ def plot_overlay_gallery(
         ax.set_title(caption, fontsize=8)
     fig.suptitle(title)
     return save_figure(fig, path)
-
-
-def write_run_outputs(out: Path, *, metrics: dict[str, Any], **outputs: Any) -> None:
-    """The shared classification run files plus the overlay galleries (`extra_figures`), titled with the CLIP model."""
-    title = f"samadapt fewshot: {metrics.get('method')} ({metrics.get('clip')})"
-    write_classification_run(out, title=title, metrics=metrics, **outputs)

@@ -10,63 +10,51 @@ import torch
 
 from samadapt.data.volumes import Volume, read_volume_file
 from samadapt.errors import ConfigError, DataError
+from samadapt.tasks.segment.config import SegmentConfig
 from samadapt.tasks.segment.heads import EMBEDDING_HEADS, build_head
 from samadapt.tasks.segment.inference import predict_volume
-from samadapt.training.config import read_run_config
 from samadapt.training.weights import load_weights, load_weights_into
 
 
 class Segmenter:
     """A trained run: `predict(volume) -> label volume` in the volume's own grid."""
 
-    def __init__(self, run: str | Path, *, checkpoint: str | Path | None = None, device: str = "cpu") -> None:
+    def __init__(
+        self, cfg: SegmentConfig, recorded: dict[str, Any], *, run: str | Path, checkpoint: str | None = None,
+        device: str = "cpu",
+    ) -> None:  # fmt: skip
         self.run = Path(run)
+        self.cfg = cfg
         config_path = self.run / "config.yaml"
-        self.config: dict[str, Any] = read_run_config(
-            self.run, task="segment", required=("head", "num_classes", "image_size")
-        )
-        self.head_name = self.config["head"]
-        if self.head_name in EMBEDDING_HEADS and "encoder" not in self.config:
+        num_classes = recorded.get("num_classes")
+        if not isinstance(num_classes, int) or num_classes < 2:
             raise ConfigError(
-                f"{config_path}: missing key encoder (the {self.head_name} head needs its encoder)"
+                f"{config_path}: recorded.num_classes must be an integer >= 2, found {num_classes!r}"
             )
-        try:
-            self.head = build_head(
-                self.head_name,
-                num_classes=int(self.config["num_classes"]),
-                unet_channels=tuple(self.config.get("unet_channels") or (32, 64, 128, 256, 512)),
-            )
-            int(self.config["image_size"])
-        except (TypeError, ValueError) as exc:  # a hand-edited value of the wrong type
-            raise ConfigError(f"{config_path}: a setting has a value of the wrong type ({exc})") from None
-        weights_path = self.run / "head.safetensors"
+        self.label_names = list(recorded.get("label_names") or [])
+        self.head = build_head(cfg.method, num_classes=num_classes, unet_channels=tuple(cfg.unet_channels))
+        weights_path = self.run / "model.safetensors"
         load_weights_into(self.head, load_weights(weights_path), path=weights_path)
         self.head.eval()
         self.encoder = None
-        if self.head_name in EMBEDDING_HEADS:
-            from samadapt.encoders import load_encoder
-
-            ckpt = checkpoint or self.config.get("checkpoint")
-            if ckpt is not None and not Path(ckpt).is_file():
+        if cfg.method in EMBEDDING_HEADS:
+            self.encoder = cfg.replace(
+                checkpoint=checkpoint, encoder_image_size=cfg.encoder_size
+            ).load_encoder(device)
+            fields = recorded.get("encoder_fields")
+            if fields is not None and self.encoder.cache_key_fields() != fields:
                 raise ConfigError(
-                    f"{config_path}: encoder checkpoint {ckpt} not found; pass --checkpoint FILE"
+                    f"{config_path}: trained with encoder settings {fields}, but the encoder loads as "
+                    f"{self.encoder.cache_key_fields()}"
                 )
-            self.encoder = load_encoder(
-                self.config["encoder"],
-                ckpt,
-                precision=self.config.get("precision", "fp32"),
-                image_size=int(self.config["image_size"]),
-                arch=self.config.get("encoder_arch"),
-                device=device,
-            )
 
     @torch.no_grad()
     def predict(self, volume: Volume) -> np.ndarray:
         return predict_volume(
             self.head,
-            head_name=self.head_name,
+            head_name=self.cfg.method,
             volume=volume,
-            image_size=int(self.config["image_size"]),
+            image_size=self.cfg.input_size,
             encoder=self.encoder,
         )
 
@@ -93,15 +81,16 @@ def write_label_volume(reference: Path, labels: np.ndarray, out: Path) -> Path:
 
 
 def predict_file(
-    run: str | Path, source: str | Path, out: str | Path, *, checkpoint: str | Path | None = None
-) -> Path:
+    cfg: SegmentConfig, recorded: dict[str, Any], *, run: str | Path, source: str | Path, out: str | Path,
+    checkpoint: str | None = None, device: str = "cpu",
+) -> Path:  # fmt: skip
     source, out = Path(source), Path(out)
     if not str(source).endswith((".nii", ".nii.gz")):
         raise DataError(f"{source}: expected a .nii or .nii.gz volume")
     if not str(out).endswith((".nii", ".nii.gz")):
         raise ConfigError(f"--out {out}: expected a .nii or .nii.gz file name")
     image, affine, spacing = read_volume_file(source)
-    labels = Segmenter(run, checkpoint=checkpoint).predict(
+    labels = Segmenter(cfg, recorded, run=run, checkpoint=checkpoint, device=device).predict(
         Volume(image=image, label=None, affine=affine, spacing=spacing)
     )
     return write_label_volume(source, labels, out)

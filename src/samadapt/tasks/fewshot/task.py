@@ -1,0 +1,182 @@
+"""`FewShotTask`: MedFocusCLIP (SAM 2 masks as visual prompts for CLIP) and its few-shot baselines, for the engine.
+
+Flow: `run.Resources` (dataset, CLIP, masker, prepared inputs; shared by a sweep) -> `methods.fit_method` ->
+val/test probabilities -> the engine's run folder, plus the overlay gallery that explains MedFocusCLIP's input.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from samadapt.engine.task import Evaluation, Fitted, Output, RunContext, Task
+from samadapt.errors import DataError
+from samadapt.tasks.fewshot.config import PRESETS, FewShotConfig
+from samadapt.tasks.fewshot.methods import METHODS, get_method
+from samadapt.tasks.fewshot.run import Resources, gallery, load_resources
+
+
+class FewShotTask(Task):
+    name = "fewshot"
+    Config = FewShotConfig
+    methods = tuple(METHODS)
+    budget_field = "data_fraction"
+    headline_metrics = ("accuracy", "auc", "balanced_accuracy", "f1_macro")
+    presets = PRESETS
+    sweep_defaults: ClassVar[dict[str, Any]] = {
+        "method": list(METHODS), "data_fraction": [0.05, 0.1, 0.2, 0.5, 1.0], "seed": 1,
+    }  # fmt: skip
+    prepare_fields = (
+        "data", "split_seed", "class_names", "clip", "clip_checkpoint", "quick_gelu", "masker", "masker_checkpoint",
+        "masker_arch", "masker_image_size", "mask_cache", "device", "points_per_side", "points_per_batch",
+        "pred_iou_thresh", "stability_score_thresh", "stability_score_offset", "box_nms_thresh", "crop_n_layers",
+        "min_mask_region_area", "multimask_output", "overlay_palette", "overlay_alpha", "overlay_outline",
+        "overlay_outline_color", "overlay_outline_width", "overlay_max_masks", "max_area_fraction",
+    )  # fmt: skip
+
+    def prepare(self, cfg: FewShotConfig, *, progress: bool) -> Resources:  # type: ignore[override]
+        return load_resources(cfg, out=Path(cfg.out or "."))
+
+    def _indices(self, cfg: FewShotConfig, res: Resources) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        from samadapt.data.splits import label_fraction_indices
+
+        ds = res.dataset
+        idx_train = label_fraction_indices(ds.split_indices("train"), ds.labels, cfg.data_fraction, cfg.seed)
+        idx_val, idx_test = ds.split_indices("val"), ds.split_indices("test")
+        if len(idx_test) == 0:
+            raise DataError(f"{cfg.data}: the test split is empty")
+        return idx_train, idx_val, idx_test
+
+    def fit(self, cfg: FewShotConfig, res: Resources, run: RunContext) -> Fitted:  # type: ignore[override]
+        from samadapt.tasks.fewshot.heads import learned_state
+        from samadapt.tasks.fewshot.methods import fit_method
+        from samadapt.training.seed import seed_everything
+
+        spec = get_method(cfg.method)
+        seed_everything(cfg.seed)
+        idx_train, idx_val, _ = self._indices(cfg, res)
+        opts = cfg.options
+        train_in, val_in = res.inputs(spec.input, idx_train, opts), res.inputs(spec.input, idx_val, opts)
+        labels = res.dataset.labels
+        fingerprint = {
+            k: v for k, v in cfg.fingerprint().items() if k not in ("clip_checkpoint", "masker_checkpoint")
+        }
+        fingerprint["clip_identity"] = _identity(
+            res
+        )  # the models by content: a moved checkpoint still resumes
+        model, info, history = fit_method(
+            cfg.method, res.clip, res.class_names, train=train_in, train_y=labels[idx_train], val=val_in,
+            val_y=labels[idx_val], options=opts, seed=cfg.seed, resume_dir=run.resume_dir, resume=run.resume,
+            fingerprint=fingerprint,
+        )  # fmt: skip
+        best_epoch = info.pop("best_epoch", None)
+        return Fitted(weights=learned_state(model), model=model, history=history, best_epoch=best_epoch,
+                      info={**info, "n_train": int(len(idx_train))})  # fmt: skip
+
+    def evaluate(self, cfg: FewShotConfig, res: Resources, fitted: Fitted) -> Evaluation:  # type: ignore[override]
+        from samadapt.evaluation.classification import classification_metrics
+        from samadapt.reports.predictions import prediction_rows
+        from samadapt.tasks.fewshot.methods import evaluate_probs
+
+        spec = get_method(cfg.method)
+        idx_train, idx_val, idx_test = self._indices(cfg, res)
+        opts = cfg.options
+        val_in, test_in = res.inputs(spec.input, idx_val, opts), res.inputs(spec.input, idx_test, opts)
+        train_in = res.inputs(spec.input, idx_train, opts)
+        n_classes = len(res.class_names)
+        probs_val = evaluate_probs(fitted.model, val_in) if len(idx_val) else np.zeros((0, n_classes))
+        probs_test = evaluate_probs(fitted.model, test_in)
+        labels = res.dataset.labels
+        counts = np.concatenate([train_in.mask_counts, val_in.mask_counts, test_in.mask_counts])
+        masked = spec.input != "plain"
+        metrics: dict[str, Any] = {
+            "val": classification_metrics(y_true=labels[idx_val], probs=probs_val) if len(idx_val) else {},
+            "test": classification_metrics(y_true=labels[idx_test], probs=probs_test),
+            "n_val": int(len(idx_val)),
+            "n_test": int(len(idx_test)),
+            "clip": res.clip.name,
+            "clip_weights": cfg.clip_checkpoint or "random",
+            "quick_gelu": res.clip.quick_gelu,
+            "masker": cfg.masker if masked else None,
+            "data_fraction": cfg.data_fraction,
+            "label_fraction": cfg.data_fraction,
+            "mean_masks_per_image": float(counts.mean()) if masked and len(counts) else None,
+            "images_without_masks": int((counts == 0).sum()) if masked else None,
+        }
+        eval_idx = np.concatenate([idx_val, idx_test])
+        splits = ["val"] * len(idx_val) + ["test"] * len(idx_test)
+        probs = np.concatenate([probs_val, probs_test])
+        rows = prediction_rows(ids=[res.dataset.ids[i] for i in eval_idx], probs=probs, class_names=res.class_names,
+                               y_true=labels[eval_idx], split=splits)  # fmt: skip
+        return Evaluation(metrics=metrics, predictions=rows,
+                          payload=(labels[eval_idx], probs, splits, idx_test, probs_test, test_in))  # fmt: skip
+
+    def write_outputs(self, cfg, res: Resources, fitted, evaluation, run_dir: Path) -> list[Output]:  # type: ignore[override]
+        from samadapt.reports.classification_run import classification_figures
+
+        y, probs, splits, idx_test, probs_test, test_in = evaluation.payload
+        outputs = [Output(c, p) for c, p in classification_figures(
+            run_dir, y_true=y, probs=probs, splits=splits, class_names=res.class_names)]  # fmt: skip
+        spec = get_method(cfg.method)
+        if spec.input != "plain":
+            shown = gallery(run_dir, cfg.method, spec.input, res, idx_test[:8], probs_test[:8],
+                            res.dataset.labels[idx_test[:8]], test_in, cfg.options)  # fmt: skip
+            outputs += [Output(c, p) for c, p in shown]
+        return outputs
+
+    def recorded(self, cfg: FewShotConfig, res: Resources) -> dict[str, Any]:  # type: ignore[override]
+        masked = get_method(cfg.method).input != "plain"
+        return {
+            "class_names": list(res.class_names),
+            "clip_identity": res.clip.identity(),
+            "masker_identity": res.masker.cache_key_fields() if masked and res.masker is not None else None,
+        }
+
+    def describe(self, cfg: FewShotConfig, evaluation: Evaluation) -> list[str]:  # type: ignore[override]
+        spec = get_method(cfg.method)
+        m = evaluation.metrics
+        notes = [
+            f"method {cfg.method}: {spec.description}; CLIP {m['clip']} "
+            f"({'weights ' + str(cfg.clip_checkpoint) if cfg.clip_checkpoint else 'RANDOM weights'}, "
+            f"QuickGELU {'on' if m['quick_gelu'] else 'off'})",
+            f"data fraction {cfg.data_fraction:g}, seed {cfg.seed}; prompt template {cfg.prompt_template!r}",
+        ]
+        if spec.input != "plain":
+            notes.append(
+                f"SAM 2 masker {cfg.masker}: {m['mean_masks_per_image']:.1f} masks per image on average, "
+                f"{m['images_without_masks']} images without any mask (those are used unchanged)."
+            )
+        return notes
+
+    # ---- predict --------------------------------------------------------------------------------------------
+    def add_predict_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--images", nargs="+", required=True, help="image files or folders")
+        parser.add_argument("--clip-checkpoint", default=None, help="CLIP weights, if moved since training")
+        parser.add_argument(
+            "--masker-checkpoint", default=None, help="SAM 2 weights, if moved since training"
+        )
+
+    def checkpoints(self, cfg: FewShotConfig, recorded: dict[str, Any]) -> list:  # type: ignore[override]
+        found = [
+            ("clip", cfg.clip_checkpoint, (recorded.get("clip_identity") or {}).get("clip_checkpoint_sha256"))
+        ]
+        if get_method(cfg.method).input != "plain":
+            mident = recorded.get("masker_identity") or {}
+            found.append(("masker", cfg.masker_checkpoint, mident.get("checkpoint_sha256")))
+        return found
+
+    def predict(self, cfg, recorded, *, run: Path, args: argparse.Namespace, progress: bool) -> Path:  # type: ignore[override]
+        from samadapt.tasks.fewshot.predict import predict_images
+
+        return predict_images(
+            cfg=cfg, recorded=recorded, run=run, images=list(args.images), out=Path(args.out),
+            clip_checkpoint=args.checkpoints.get("clip"), masker_checkpoint=args.checkpoints.get("masker"),
+            device=args.device or cfg.device or "cpu", progress=progress,
+        )  # fmt: skip
+
+
+def _identity(res: Resources) -> dict[str, Any]:
+    return {k: v for k, v in res.clip.identity().items() if k != "clip_checkpoint"}
