@@ -195,3 +195,46 @@ def test_a_folder_is_not_a_label_volume(tmp_path):
     write_series(tmp_path / "s", random_stored((2, 4, 4)))
     with pytest.raises(DataError, match="a folder cannot be a label volume"):
         read_volume_file(tmp_path / "s", label=True)
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small_jpeg_ls_lossless.dcm"])
+def test_real_scanner_files_match_highdicom(tmp_path, name):
+    """Real CT / JPEG-LS compressed MR slices shipped with pydicom, stacked into a 3-slice series."""
+    import highdicom as hd
+    from pydicom.data import get_testdata_file
+
+    real = pydicom.dcmread(get_testdata_file(name))
+    normal = np.cross(
+        np.asarray(real.ImageOrientationPatient[:3], float),
+        np.asarray(real.ImageOrientationPatient[3:], float),
+    )
+    series_uid = pydicom.uid.generate_uid()
+    folder = tmp_path / "series"
+    folder.mkdir()
+    for k in (2, 0, 1):  # written out of order, names unrelated to position
+        ds = pydicom.dcmread(get_testdata_file(name))
+        ds.SeriesInstanceUID = series_uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        ds.ImagePositionPatient = [
+            float(v) for v in np.asarray(real.ImagePositionPatient, float) + 4.0 * k * normal
+        ]
+        ds.save_as(folder / f"IM{(7 * k + 3) % 5}")
+    image, affine, spacing, datasets = read_dicom_series(folder)
+    assert image.shape == (int(real.Columns), int(real.Rows), 3) and spacing[2] == pytest.approx(4.0)
+    vol = hd.get_volume_from_series([pydicom.dcmread(p) for p in sorted(folder.iterdir())])
+    np.testing.assert_array_equal(image, vol.array[::-1].transpose(2, 1, 0).astype(np.float32))
+    flipped = np.diag([-1.0, -1.0, 1.0, 1.0]) @ vol.affine  # highdicom: [slice, row, col] from the far end
+    np.testing.assert_allclose(affine[:, 0], flipped[:, 2], atol=1e-5)
+    np.testing.assert_allclose(affine[:, 1], flipped[:, 1], atol=1e-5)
+    np.testing.assert_allclose(affine[:, 2], -flipped[:, 0], atol=1e-5)
+    np.testing.assert_allclose(affine @ [0, 0, 2, 1], flipped[:, 3], atol=1e-4)
+
+
+def test_tilted_gantry_stack_is_refused(tmp_path):
+    paths = write_series(tmp_path / "s", random_stored((3, 4, 4)))
+    for k, path in enumerate(paths):  # shift each slice sideways: a sheared stack
+        ds = pydicom.dcmread(path)
+        ds.ImagePositionPatient = [float(ds.ImagePositionPatient[0]) + 1.5 * k, *ds.ImagePositionPatient[1:]]
+        ds.save_as(path)
+    with pytest.raises(DataError, match="not stacked along their normal"):
+        read_dicom_series(tmp_path / "s")
