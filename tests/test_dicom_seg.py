@@ -213,3 +213,32 @@ def test_segment_codes_override(series, tmp_path):
     assert liver.SegmentedPropertyCategoryCodeSequence[0].CodeMeaning == "Anatomical Structure"
     assert liver.SegmentedPropertyTypeCodeSequence[0].CodeMeaning == "Liver"
     assert liver.SegmentAlgorithmName == "autosam-head"
+
+
+def test_seg_made_on_another_copy_of_the_scan_is_placed_by_position(series, tmp_path):
+    """Same scan re-exported (new series and instance UIDs, same FrameOfReference and geometry): by geometry."""
+    _, _, _, datasets = read_dicom_series(series)
+    copy = tmp_path / "copy"
+    write_series(
+        copy,
+        random_stored((5, 6, 7), seed=3),
+        iop=OBLIQUE_IOP,
+        frame_of_reference_uid=datasets[0].FrameOfReferenceUID,
+    )
+    labels = _labels((7, 6, 5), seed=4)
+    out = write_dicom_seg(labels, source=copy, out=tmp_path / "seg.dcm", label_names=NAMES)
+    back, _ = read_dicom_seg(out, source=series)
+    np.testing.assert_array_equal(back, labels)
+    # a grid that the frames do not lie on (other pixel spacing) is refused, not resampled
+    other = tmp_path / "other"
+    write_series(
+        other,
+        random_stored((5, 6, 7)),
+        iop=OBLIQUE_IOP,
+        pixel_spacing=(0.5, 0.5),
+        frame_of_reference_uid=datasets[0].FrameOfReferenceUID,
+    )
+    with pytest.raises(
+        DataError, match=r"seg\.dcm: its frames do not lie on the voxel grid of the image series"
+    ):
+        read_dicom_seg(out, source=other)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from samadapt.data.dicom_series import DicomSeries, read_series_headers
+from samadapt.data.dicom_series import LPS_TO_RAS, DicomSeries, read_series_headers, series_affine
 from samadapt.errors import ConfigError, DataError
 from samadapt.utils.atomic import atomic_path
 
@@ -126,7 +126,9 @@ def read_dicom_seg(path: str | Path, *, source: SeriesSource) -> tuple[np.ndarra
     """Read a DICOM-SEG onto its source series' grid: (int16 labels [X, Y, Z], {segment number: label}).
 
     Label value = segment number (0 = background). `source` is the image series (folder or datasets in slice
-    order); the SEG must reference that series' instances and share its FrameOfReference."""
+    order), sharing the SEG's FrameOfReference. Frames are placed by their references to the series' instances,
+    or, for a SEG made on another copy of the scan (other instance UIDs), by their plane positions when those lie
+    on the series' voxel grid (no resampling)."""
     import highdicom as hd
 
     p = Path(path)
@@ -147,24 +149,43 @@ def read_dicom_seg(path: str | Path, *, source: SeriesSource) -> tuple[np.ndarra
         for item in seg.get("ReferencedSeriesSequence", [])
         if "SeriesInstanceUID" in item
     }
-    if referenced and series_uid not in referenced:
-        raise DataError(f"{p}: references series {sorted(referenced)}, not the image series {series_uid}")
     if seg.segmentation_type == hd.seg.SegmentationTypeValues.FRACTIONAL:
         raise DataError(f"{p}: a FRACTIONAL segmentation; expected a BINARY or LABELMAP DICOM-SEG as labels")
     names = {int(item.SegmentNumber): str(item.SegmentLabel) for item in seg.SegmentSequence}
-    uids = [str(ds.SOPInstanceUID) for ds in datasets]
+    if series_uid in referenced:
+        try:
+            pixels = seg.get_pixels_by_source_instance(
+                source_sop_instance_uids=[str(ds.SOPInstanceUID) for ds in datasets],
+                combine_segments=True,
+                relabel=False,
+                assert_missing_frames_are_empty=True,
+                dtype=np.int16,
+            )
+            return np.ascontiguousarray(np.asarray(pixels).transpose(2, 1, 0)).astype(np.int16), names
+        except (ValueError, KeyError, AttributeError):
+            pass  # frames without per-frame source references: place them by their positions instead
     try:
-        pixels = seg.get_pixels_by_source_instance(
-            source_sop_instance_uids=uids,
-            combine_segments=True,
-            relabel=False,
-            assert_missing_frames_are_empty=True,
-            dtype=np.int16,
-        )
-    except (ValueError, KeyError, RuntimeError) as exc:
-        raise DataError(f"{p}: cannot map the segments onto the image series ({exc})") from None
-    labels = np.ascontiguousarray(np.asarray(pixels).transpose(2, 1, 0)).astype(np.int16)  # [X, Y, Z]
-    return labels, names
+        return _labels_by_geometry(seg, datasets), names
+    except (ValueError, RuntimeError) as exc:
+        raise DataError(
+            f"{p}: its frames do not lie on the voxel grid of the image series {series_uid} (the SEG references "
+            f"{sorted(referenced) or 'no series'}; {exc})"
+        ) from None
+
+
+def _labels_by_geometry(seg, datasets: tuple) -> np.ndarray:
+    """Place the SEG's frames on the series grid by position (highdicom crops / pads / flips, never resamples)."""
+    import highdicom as hd
+
+    affine_lps = LPS_TO_RAS @ series_affine(datasets)  # the RAS <-> LPS flip is its own inverse
+    grid = hd.VolumeGeometry(
+        affine=affine_lps,
+        spatial_shape=(int(datasets[0].Columns), int(datasets[0].Rows), len(datasets)),
+        coordinate_system="PATIENT",
+        frame_of_reference_uid=str(datasets[0].FrameOfReferenceUID),
+    )
+    volume = seg.get_volume(combine_segments=True, relabel=False, dtype=np.int16).match_geometry(grid)
+    return np.ascontiguousarray(volume.array).astype(np.int16)
 
 
 def read_segment_labels(path: str | Path) -> dict[int, str]:

@@ -92,6 +92,17 @@ def read_series_headers(folder: str | Path, *, series_uid: str | None = None) ->
     return tuple(items[i][1] for i in order)
 
 
+def series_affine(datasets) -> np.ndarray:
+    """The RAS affine of datasets already in slice order (as `read_dicom_series` returns them)."""
+    items = [(Path(f"slice {i}"), ds) for i, ds in enumerate(datasets)]
+    order, affine_lps, _ = _geometry(Path("series"), items)
+    if order != list(range(len(items))):
+        raise DataError(
+            "series: datasets are not in slice order along the normal; pass them as read_dicom_series gives them"
+        )
+    return LPS_TO_RAS @ affine_lps
+
+
 def _sorted_series(
     folder: str | Path, *, series_uid: str | None
 ) -> tuple[Path, list[tuple[Path, object]], list[int], np.ndarray, tuple[float, float, float]]:
