@@ -238,3 +238,22 @@ def test_tilted_gantry_stack_is_refused(tmp_path):
         ds.save_as(path)
     with pytest.raises(DataError, match="not stacked along their normal"):
         read_dicom_series(tmp_path / "s")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_orientations_spacings_and_steps(tmp_path, seed):
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.normal(size=(3, 3)))  # a random rotation's first two columns: row and column dirs
+    iop = (tuple(q[:, 0]), tuple(q[:, 1]))
+    pixel_spacing = tuple(float(v) for v in rng.uniform(0.3, 2.0, size=2))
+    step = float(rng.choice([-1, 1]) * rng.uniform(0.5, 6.0))
+    stored = random_stored((4, 3, 5), seed=seed)
+    write_series(tmp_path / "s", stored, iop=iop, pixel_spacing=pixel_spacing, slice_step=step, seed=seed)
+    image, affine, spacing, datasets = read_dicom_series(tmp_path / "s")
+    assert spacing == pytest.approx((pixel_spacing[1], pixel_spacing[0], abs(step)), rel=1e-5)
+    order = list(range(4)) if step > 0 else list(range(3, -1, -1))
+    np.testing.assert_array_equal(image, stored[order].transpose(2, 1, 0).astype(np.float32) - 1024.0)
+    for x, y, z in [(0, 0, 0), (4, 2, 3), (2, 1, 1)]:
+        np.testing.assert_allclose(
+            (affine @ [x, y, z, 1.0])[:3], _dicom_world_ras(datasets[z], x, y), atol=1e-4
+        )
