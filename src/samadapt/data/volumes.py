@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from samadapt.errors import DataError
+from samadapt.errors import ConfigError, DataError
 
 ACDC_LABEL_NAMES = ("RV", "MYO", "LV")
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -302,7 +302,12 @@ def split_patients(
     seed: int,
     fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
 ) -> dict[str, list[str]]:
-    """Seeded patient-level split into train/val/test (70/15/15 by default); every split gets >= 1 patient."""
+    """Seeded patient-level split into train/val/test (70/15/15 by default); every split gets >= 1 patient.
+
+    `seed` is the split seed: the result depends on it and on the set of patients only (not on their order),
+    never on a training seed. AutoSAM fixes its splits once (``create_acdc_folds``: 70/15/15 of the patients,
+    saved to ``splits.pkl``) and trains every run on a prefix of that fold's training list; `patient_splits`
+    and `training_subset` do the same with seeds instead of a file."""
     unique = sorted(set(patients))
     if len(unique) < 3:
         raise DataError(f"need at least 3 patients for a train/val/test split, found {len(unique)}")
@@ -318,6 +323,29 @@ def split_patients(
         "val": order[n_train : n_train + n_val],
         "test": order[n_train + n_val :],
     }
+
+
+def patient_splits(
+    patients: list[str],
+    *,
+    split_seed: int,
+    fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
+) -> dict[str, list[str]]:
+    """{train, val, test} patients from the split seed alone: every training seed and method of a sweep that
+    passes the same `split_seed` is validated and tested on the same patients."""
+    return split_patients(patients, seed=split_seed, fractions=fractions)
+
+
+def training_subset(train_patients: list[str], n: int, *, seed: int) -> list[str]:
+    """The `n` training patients a run with training seed `seed` uses, out of a split's training patients.
+
+    Nested: for one seed, the subset of n is a prefix of the subset of n + 1 (smaller budgets inside larger
+    ones, as AutoSAM's ``tr_keys[0:tr_size]``); the order depends on the seed and the set of patients only."""
+    unique = sorted(set(train_patients))
+    if not 1 <= n <= len(unique):
+        raise ConfigError(f"asked for {n} training patients; the split's training part has {len(unique)}")
+    order = np.random.default_rng(seed).permutation(len(unique))
+    return [unique[i] for i in order[:n]]
 
 
 def read_splits_file(path: Path, dataset: VolumeDataset) -> dict[str, list[str]]:

@@ -1,6 +1,7 @@
 """AutoSAM head (Hu, Xu, Shi, arXiv 2306.13731): SAM's mask decoder without prompts, one set of tokens per class.
 
-Per class c the decoder sees the tokens [iou_c, mask_c,1 .. mask_c,k] (new, learned) and the shared image
+Per class c the decoder sees the tokens [iou_c, mask_c,1 .. mask_c,k] (new, learned; k = 2 by default, as the
+reference code's ``MaskDecoder(num_multimask_outputs=1)``, whose first mask is the one used) and the shared image
 embedding; the two-way transformer runs once per class, all classes in one batched call (the embedding is
 repeated B x num_classes times). Each class's first mask token goes through hypernetwork MLP 0 and is dotted
 with the upscaled embedding: logits [B, num_classes, 4h, 4w]; softmax over classes (background included).
@@ -24,6 +25,9 @@ from samadapt.tasks.segment.transformer import MLP, LayerNorm2d, PositionEmbeddi
 
 DECODER_PREFIXES = ("mask_decoder.", "sam_mask_decoder.")  # SAM / MedSAM, SAM 2
 PROMPT_PREFIXES = ("prompt_encoder.", "sam_prompt_encoder.")
+DEFAULT_MASK_TOKENS_PER_CLASS = (
+    2  # AutoSAM's MaskDecoder(num_multimask_outputs=1): 1 + 1 mask tokens per class
+)
 
 
 class AutoSamHead(nn.Module):
@@ -32,13 +36,15 @@ class AutoSamHead(nn.Module):
         *,
         num_classes: int,
         transformer_dim: int = 256,
-        mask_tokens_per_class: int = 1,
+        mask_tokens_per_class: int = DEFAULT_MASK_TOKENS_PER_CLASS,
         depth: int = 2,
         num_heads: int = 8,
         mlp_dim: int = 2048,
     ) -> None:
-        """num_classes includes background; mask_tokens_per_class=2 reproduces the paper's code (1 used)."""
+        """num_classes includes background; mask_tokens_per_class=2 (the default) is the paper's code (1 used)."""
         super().__init__()
+        if mask_tokens_per_class < 1:
+            raise ValueError(f"mask_tokens_per_class must be >= 1, got {mask_tokens_per_class}")
         self.num_classes = num_classes
         self.mask_tokens_per_class = mask_tokens_per_class
         self.transformer_dim = transformer_dim
