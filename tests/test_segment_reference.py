@@ -153,6 +153,21 @@ def test_spatial_coordinates_follow_batchgenerators() -> None:
         assert 0.05 * side / 224 < offsets.std() < 1.5 * side / 224
 
 
+def test_zero_deformation_is_the_identity_unlike_monais_elastic_grid() -> None:
+    """Why the spatial step is ours: MONAI's Rand2DElastic moves pixels at magnitude 0 (bicubic control grid)."""
+    from monai.transforms import Rand2DElastic
+
+    n = 224
+    ramp = np.tile(np.arange(n, dtype=np.float32), (n, 1))[None]  # value = column index
+    ours = RandReferenceSpatiald(alpha=(0.0, 0.0), p_elastic=1.0, p_rotation=0.0, p_scale=0.0)
+    ours.set_random_state(seed=0)
+    out = ours({"image": ramp, "label": np.zeros((1, n, n), dtype=np.uint8)})["image"]
+    np.testing.assert_allclose(out, ramp, atol=1e-4)
+    monai = Rand2DElastic(spacing=56, magnitude_range=(0.0, 0.0), prob=1.0, padding_mode="border")
+    moved = np.asarray(monai(torch.from_numpy(ramp)))[0] - ramp[0]
+    assert np.abs(moved[20:-20, 20:-20]).max() > 1.0  # pixels, more than the reference field's typical offset
+
+
 def test_unknown_augmentation_is_a_config_error() -> None:
     assert get_augmentation("reference") is reference_augment
     with pytest.raises(ConfigError, match="unknown augmentation 'strong'"):
@@ -213,6 +228,18 @@ def test_autosam_head_has_two_mask_tokens_per_class_and_uses_the_first() -> None
         moved = head(emb)
     assert not torch.allclose(moved[:, 1], ours[:, 1])
     torch.testing.assert_close(moved[:, [0, 2]], ours[:, [0, 2]])
+
+
+def test_iou_tokens_stay_frozen_as_in_the_reference_unless_asked() -> None:
+    torch.manual_seed(0)
+    head = AutoSamHead(num_classes=2, transformer_dim=32, num_heads=2, mlp_dim=64)
+    before = head.iou_token.weight.detach().clone()
+    optimizer = torch.optim.Adam((p for p in head.parameters() if p.requires_grad), lr=1e-2)
+    head(torch.randn(1, 32, 4, 4)).square().mean().backward()
+    optimizer.step()
+    assert head.iou_token.weight.grad is None and torch.equal(head.iou_token.weight, before)
+    assert head.mask_tokens.weight.grad is not None
+    assert build_head("autosam", num_classes=2, learn_iou_token=True).iou_token.weight.requires_grad
 
 
 def test_build_head_passes_mask_tokens_per_class_through() -> None:

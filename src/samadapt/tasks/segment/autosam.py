@@ -10,7 +10,9 @@ From the checkpoint (`load_sam_decoder_weights`): the transformer, the upscaling
 (`mask_decoder.*`, or `sam_mask_decoder.*` for SAM 2), plus the prompt encoder's positional encoding and
 `no_mask_embed` (what the decoder saw added to the embedding when SAM was trained without a mask prompt; the
 original AutoSAM code used a fresh random positional encoding and no `no_mask_embed`, we keep SAM's own).
-Tokens are new, as in the paper. SAM's IoU-prediction MLP is left out: nothing trains it.
+Tokens are new, as in the paper; the IoU tokens are frozen at their random initialisation as in the reference
+training script (``"iou" in name -> requires_grad = False``; `learn_iou_token=True` trains them). SAM's
+IoU-prediction MLP is left out: nothing trains it (the reference freezes it too).
 SAM 2's decoder adds high-resolution encoder features inside the upscaling path; the cached embedding holds only
 the 64x64 level, so the head runs SAM 2's decoder weights without them.
 """
@@ -40,6 +42,7 @@ class AutoSamHead(nn.Module):
         depth: int = 2,
         num_heads: int = 8,
         mlp_dim: int = 2048,
+        learn_iou_token: bool = False,
     ) -> None:
         """num_classes includes background; mask_tokens_per_class=2 (the default) is the paper's code (1 used)."""
         super().__init__()
@@ -52,6 +55,8 @@ class AutoSamHead(nn.Module):
             depth=depth, embedding_dim=transformer_dim, num_heads=num_heads, mlp_dim=mlp_dim
         )
         self.iou_token = nn.Embedding(num_classes, transformer_dim)
+        # AutoSAM's training script freezes every parameter named "iou": the IoU tokens stay at their random init
+        self.iou_token.weight.requires_grad_(learn_iou_token)
         self.mask_tokens = nn.Embedding(num_classes * mask_tokens_per_class, transformer_dim)
         self.output_upscaling = nn.Sequential(
             nn.ConvTranspose2d(transformer_dim, transformer_dim // 4, kernel_size=2, stride=2),

@@ -27,10 +27,20 @@ def _unet(*, num_classes: int, unet_channels: tuple[int, ...] = UNET_CHANNELS) -
     )
 
 
+def _autosam(
+    *,
+    num_classes: int,
+    mask_tokens_per_class: int = DEFAULT_MASK_TOKENS_PER_CLASS,
+    learn_iou_token: bool = False,
+    **_: object,
+) -> nn.Module:
+    return AutoSamHead(
+        num_classes=num_classes, mask_tokens_per_class=mask_tokens_per_class, learn_iou_token=learn_iou_token
+    )
+
+
 HEADS: dict[str, Callable[..., nn.Module]] = {
-    "autosam": lambda *, num_classes, mask_tokens_per_class=DEFAULT_MASK_TOKENS_PER_CLASS, **_: AutoSamHead(
-        num_classes=num_classes, mask_tokens_per_class=mask_tokens_per_class
-    ),
+    "autosam": _autosam,
     "cnn": lambda *, num_classes, **_: CnnHead(num_classes=num_classes),
     "linear": lambda *, num_classes, **_: LinearHead(num_classes=num_classes),
     "unet": lambda *, num_classes, unet_channels=UNET_CHANNELS, **_: _unet(
@@ -47,14 +57,19 @@ def build_head(
     num_classes: int,
     unet_channels: tuple[int, ...] = UNET_CHANNELS,
     mask_tokens_per_class: int = DEFAULT_MASK_TOKENS_PER_CLASS,
+    learn_iou_token: bool = False,
 ) -> nn.Module:
-    """A head by name; `mask_tokens_per_class` reaches the autosam head (the others have no tokens)."""
+    """A head by name; `mask_tokens_per_class` and `learn_iou_token` reach the autosam head (the others have no
+    tokens)."""
     if name not in HEADS:
         raise ConfigError(f"unknown head {name!r}; choose one of {', '.join(HEADS)}")
     if mask_tokens_per_class < 1:
         raise ConfigError(f"mask_tokens_per_class must be at least 1, got {mask_tokens_per_class}")
     return HEADS[name](
-        num_classes=num_classes, unet_channels=unet_channels, mask_tokens_per_class=mask_tokens_per_class
+        num_classes=num_classes,
+        unet_channels=unet_channels,
+        mask_tokens_per_class=mask_tokens_per_class,
+        learn_iou_token=learn_iou_token,
     )
 
 
