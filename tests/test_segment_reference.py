@@ -168,6 +168,22 @@ def test_zero_deformation_is_the_identity_unlike_monais_elastic_grid() -> None:
     assert np.abs(moved[20:-20, 20:-20]).max() > 1.0  # pixels, more than the reference field's typical offset
 
 
+def test_cached_views_with_the_reference_augmentation_are_reproducible() -> None:
+    from samadapt.tasks.segment.slices import SliceSet, augmented_views
+
+    pairs = [_slice(side=64, seed=s) for s in range(2)]
+    slices = SliceSet(
+        images=[p[0] for p in pairs], labels=[p[1] for p in pairs], case_index=[0, 0], z=[0, 1],
+        cases=[type("Case", (), {"id": "patient001_frame01"})()], volumes=[],
+    )  # fmt: skip
+    a = augmented_views(slices, views=2, seed=5, augment=reference_augment)
+    b = augmented_views(slices, views=2, seed=5, augment=reference_augment)
+    assert a[2] == [[0, 1, 2], [3, 4, 5]] and a[3][1] == "patient001_frame01#z0#view1"
+    assert all(np.array_equal(x, y) for x, y in zip(a[0] + a[1], b[0] + b[1]))
+    assert np.array_equal(a[0][0], pairs[0][0]) and not np.array_equal(a[0][1], pairs[0][0])
+    assert not np.array_equal(a[0][1], a[0][2])
+
+
 def test_unknown_augmentation_is_a_config_error() -> None:
     assert get_augmentation("reference") is reference_augment
     with pytest.raises(ConfigError, match="unknown augmentation 'strong'"):
