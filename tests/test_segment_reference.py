@@ -135,7 +135,7 @@ def test_spatial_coordinates_follow_batchgenerators() -> None:
     t.set_random_state(seed=0)
     zooms = []
     for _ in range(400):
-        t.randomize(8)
+        t.randomize()
         zooms.append(t.zoom)
     zooms = np.array(zooms)
     assert zooms.min() >= 0.5 and zooms.max() <= 1.9
@@ -144,12 +144,20 @@ def test_spatial_coordinates_follow_batchgenerators() -> None:
     for side in (224, 448):
         t = RandReferenceSpatiald(p_elastic=1.0, p_rotation=0.0, p_scale=0.0)
         t.set_random_state(seed=1)
-        t.randomize(side)
+        t.randomize()
         a, s, noise = t.elastic
         offsets = t.coordinates(side) - np.stack(np.meshgrid(np.arange(side), np.arange(side), indexing="ij"))
+        assert noise.shape == (2, 224, 224)  # drawn on the reference grid whatever the side
+        reference = np.stack([gaussian_filter(noise[d], s, mode="constant") * a for d in range(2)])
         if side == 224:
-            reference = np.stack([gaussian_filter(noise[d], s, mode="constant") * a for d in range(2)])
             np.testing.assert_allclose(offsets, reference, atol=1e-9)
+        else:  # the same field resized: pixel 2i+1 lies a quarter pixel from pixel i; x2 in size
+            np.testing.assert_allclose(
+                offsets[:, 1::2, 1::2][:, 1:-1, 1:-1] / 2,
+                reference[:, 1:-1, 1:-1],
+                rtol=0.05,
+                atol=0.05 * np.abs(reference).max(),
+            )
         assert 0.05 * side / 224 < offsets.std() < 1.5 * side / 224
 
 

@@ -23,10 +23,10 @@ resize         to 224 x 224 (bilinear)                                      none
                                                                             resizes (sizes below are in 224-grid
                                                                             units, scaled to the slice's side)
 mirror         flip of the second spatial axis (columns), p=0.5             same (``RandFlipd``, axis 1, both keys)
-elastic        p=1; offsets = gaussian_filter(U(-1, 1) noise, sigma,        same field (the smoothing is the same
+elastic        p=1; offsets = gaussian_filter(U(-1, 1) noise, sigma,        same field on the 224 grid (the same
                mode constant) * alpha, alpha ~ U(100, 350),                 zero-padded truncated Gaussian, as a
-               sigma ~ U(40, 60) px on the 224 grid                         matrix product); sigma x k and
-                                                                            alpha x k^2 for a side of k x 224 px
+               sigma ~ U(40, 60) px on the 224 grid                         matrix product), resized bilinearly to
+                                                                            the slice's side n and scaled by n/224
 rotation       p=0.5, angle ~ U(-0.1, 0.1) rad                              same
 scale          p=0.5, coordinates x s, s ~ U(0.5, 1) or U(1, 1.9) (50/50),  same
                isotropic (s > 1 zooms out)
@@ -79,8 +79,8 @@ def gaussian_smoothing_matrix(n: int, sigma: float, *, truncate: float = 4.0) ->
 class RandReferenceSpatiald(RandomizableTransform, MapTransform):
     """batchgenerators' SpatialTransform as AutoSAM calls it (no crop: output side = input side), one resampling.
 
-    Expects channel-first [1, n, n] arrays under `image_key` (float) and `label_key` (integers). Sizes (`sigma`,
-    and `alpha` as a displacement) are in pixels of a `reference_side` grid and scale with the slice's side.
+    Expects channel-first [1, n, n] arrays under `image_key` (float) and `label_key` (integers). `sigma` and
+    `alpha` are in pixels of a `reference_side` grid; the field scales with the slice's side.
     """
 
     def __init__(
@@ -108,12 +108,12 @@ class RandReferenceSpatiald(RandomizableTransform, MapTransform):
 
     def randomize(self, data: Any = None) -> None:
         """Draw (alpha, sigma, noise or None, angle or None, scale or None) in batchgenerators' order."""
-        n = int(data)
         r = self.R
         self.elastic = None
         if r.uniform() < self.p_elastic:
             a, s = r.uniform(*self.alpha), r.uniform(*self.sigma)
-            self.elastic = (a, s, r.random_sample((2, n, n)) * 2 - 1)
+            side = self.reference_side
+            self.elastic = (a, s, r.random_sample((2, side, side)) * 2 - 1)
         self.rotation = float(r.uniform(*self.angle)) if r.uniform() < self.p_rotation else None
         self.zoom = None
         if r.uniform() < self.p_scale:
@@ -128,10 +128,7 @@ class RandReferenceSpatiald(RandomizableTransform, MapTransform):
         centre = (n - 1) / 2.0
         coords = np.stack(np.meshgrid(np.arange(n), np.arange(n), indexing="ij")).astype(np.float64) - centre
         if self.elastic is not None:
-            a, s, noise = self.elastic
-            k = n / self.reference_side
-            m = gaussian_smoothing_matrix(n, s * k)
-            coords += np.stack([m @ noise[d] @ m.T for d in range(2)]) * (a * k * k)
+            coords += self.elastic_offsets(n)
         if self.rotation is not None:
             c, s_ = np.cos(self.rotation), np.sin(self.rotation)
             rot = np.array(
@@ -142,13 +139,29 @@ class RandReferenceSpatiald(RandomizableTransform, MapTransform):
             coords *= self.zoom
         return coords + centre
 
+    def elastic_offsets(self, n: int) -> np.ndarray:
+        """The drawn elastic field [2, n, n] in pixels of an n-pixel slice.
+
+        Made as the reference makes it, on the reference grid (alpha * gaussian_filter(U(-1, 1) noise, sigma)),
+        then resized bilinearly to n and scaled by n / reference_side (a field with sigma >= 40 px is smooth
+        enough that the resize changes nothing visible; at n = reference_side it is the reference field)."""
+        from scipy.ndimage import zoom
+
+        a, s, noise = self.elastic
+        m = gaussian_smoothing_matrix(self.reference_side, s)
+        field = np.stack([m @ noise[d] @ m.T for d in range(2)]) * a
+        if n == self.reference_side:
+            return field
+        k = n / self.reference_side
+        return np.stack([zoom(f, k, order=1, mode="nearest", grid_mode=True) for f in field]) * k
+
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         from scipy.ndimage import map_coordinates
 
         d = dict(data)
         image = convert_to_numpy(d[self.image_key])
         n = image.shape[-1]
-        self.randomize(n)
+        self.randomize()
         coords = self.coordinates(n)
         if coords is None:
             return d
