@@ -62,7 +62,8 @@ def test_decoder_tensors_equal_the_official_checkpoint(official_checkpoint):
         state["prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"],
     )
     # the per-class tokens are new (the paper's choice): shapes follow the classes, not the checkpoint
-    assert own["iou_token.weight"].shape == (4, 256) and own["mask_tokens.weight"].shape == (4, 256)
+    # (2 mask tokens per class by default, as the reference code)
+    assert own["iou_token.weight"].shape == (4, 256) and own["mask_tokens.weight"].shape == (8, 256)
 
 
 def test_each_class_is_the_official_decoder_run_with_that_class_tokens(official_checkpoint):

@@ -31,7 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from samadapt.engine.flags import DeprecatedFlag
 
     parser.add_argument(
-        "--store", dest="cache", type=Path, default=None, help="embedding store directory (created if missing)"
+        "--store",
+        dest="cache",
+        type=Path,
+        default=None,
+        help="embedding store directory (created if missing)",
     )
     parser.add_argument("--cache", dest="cache", type=Path, action=DeprecatedFlag, canonical="--store",
                         help=argparse.SUPPRESS)  # fmt: skip

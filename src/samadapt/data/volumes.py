@@ -6,8 +6,11 @@ Layouts (auto-detected by `read_volumes`):
   ``_gt`` file. One patient = both frames (a "labelled volume" in the AutoSAM protocol means one patient).
   Labels 0 background, 1 RV, 2 MYO, 3 LV.
 - generic: ``images/NAME.nii(.gz)`` + ``labels/NAME.nii(.gz)``, or ``images/NAME.png`` + ``labels/NAME.png``
-  (a PNG pair is a one-slice volume with 1 mm spacing). Each case is its own patient. Label names come from
-  ``dataset.json`` (nnU-Net / MSD style ``"labels": {"0": "background", "1": "liver"}``) when present.
+  (a PNG pair is a one-slice volume with 1 mm spacing), or ``images/NAME/`` (a DICOM series folder, see
+  `samadapt.data.dicom_series`) + ``labels/NAME.nii(.gz)`` or ``labels/NAME.dcm`` (a DICOM-SEG over that series:
+  label value = segment number). Each case is its own patient. Label names come from ``dataset.json``
+  (nnU-Net / MSD style ``"labels": {"0": "background", "1": "liver"}``) when present, else from the DICOM-SEG
+  segment labels.
 
 Geometry is kept: every `Volume` carries the NIfTI affine and voxel spacing (mm); 2D slices are taken along the
 third array axis (the short-axis stack in ACDC), so predictions stack back into the input's grid.
@@ -25,11 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
-from samadapt.errors import DataError
+from samadapt.errors import ConfigError, DataError
 
 ACDC_LABEL_NAMES = ("RV", "MYO", "LV")
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 PNG_SUFFIX = ".png"
+DICOM_SEG_SUFFIX = ".dcm"
 DEFAULT_FRACTIONS = (0.7, 0.15, 0.15)
 _ACDC_FRAME = re.compile(r"^(?P<patient>.+)_frame(?P<frame>\d+)\.nii(\.gz)?$")
 
@@ -59,10 +63,26 @@ class VolumeCase:
     phase: str | None = None  # "ED" / "ES" for ACDC
 
     def load(self) -> Volume:
-        image, affine, spacing = read_volume_file(self.image_path)
+        source = None
+        if self.image_path.is_dir():
+            from samadapt.data.dicom_series import load_dicom_series
+
+            series = load_dicom_series(self.image_path)
+            image, affine, spacing, source = series.image, series.affine, series.spacing, series.datasets
+        else:
+            image, affine, spacing = read_volume_file(self.image_path)
         label = None
-        if self.label_path is not None:
+        if self.label_path is not None and _is_dicom_seg_name(self.label_path):
+            if source is None:
+                raise DataError(
+                    f"{self.label_path}: a DICOM-SEG label needs a DICOM series image folder, not {self.image_path}"
+                )
+            from samadapt.data.dicom_seg import read_dicom_seg
+
+            label_f, _ = read_dicom_seg(self.label_path, source=source)
+        elif self.label_path is not None:
             label_f, _, _ = read_volume_file(self.label_path, label=True)
+        if self.label_path is not None:
             if label_f.shape != image.shape:
                 raise DataError(
                     f"{self.label_path}: label shape {label_f.shape} does not match image shape {image.shape} "
@@ -98,12 +118,26 @@ class VolumeDataset:
 def read_volume_file(
     path: str | Path, *, label: bool = False
 ) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
-    """Read a NIfTI volume or a PNG slice: (float32 array [X, Y, Z], 4x4 affine, spacing in mm).
+    """Read a NIfTI volume, a PNG slice or a DICOM series folder: (float32 [X, Y, Z], 4x4 affine, spacing mm).
 
     A colour PNG image becomes grey by luminance (PIL's "L", ITU-R 601); a colour PNG label map must hold the
-    label in equal channels (a grey label saved as RGB), since colours have no defined label values."""
+    label in equal channels (a grey label saved as RGB), since colours have no defined label values.
+    A DICOM series folder (one series) is read by `samadapt.data.dicom_series.read_dicom_series`: the same axes
+    and RAS affine as its NIfTI conversion. DICOM-SEG labels need their image series: `VolumeCase.load` or
+    `samadapt.data.dicom_seg.read_dicom_seg`."""
     p = Path(path)
     name = p.name.lower()
+    if p.is_dir():
+        if label:
+            raise DataError(f"{p}: a folder cannot be a label volume; use a NIfTI file or a DICOM-SEG (.dcm)")
+        from samadapt.data.dicom_series import read_dicom_series
+
+        image, affine, spacing, _ = read_dicom_series(p)
+        return image, affine, spacing
+    if label and _is_dicom_seg_name(p):
+        raise DataError(
+            f"{p}: a DICOM-SEG label is read onto its image series (read_dicom_seg(path, source=...))"
+        )
     if name.endswith(PNG_SUFFIX):
         from PIL import Image
 
@@ -125,7 +159,7 @@ def read_volume_file(
             arr = arr[..., 0]
         return arr.astype(np.float32)[:, :, None], np.eye(4), (1.0, 1.0, 1.0)
     if not name.endswith(NIFTI_SUFFIXES):
-        raise DataError(f"{p}: expected a .nii, .nii.gz or .png file")
+        raise DataError(f"{p}: expected a .nii, .nii.gz or .png file or a DICOM series folder")
     import nibabel as nib
 
     try:
@@ -242,9 +276,17 @@ def _with_suffix(image_path: Path, suffix: str) -> Path | None:
     return None
 
 
-def _case_stem(path: Path) -> str | None:
+def _is_dicom_seg_name(path: Path) -> bool:
+    return path.name.lower().endswith(DICOM_SEG_SUFFIX)
+
+
+def _case_stem(path: Path, *, labels: bool = False) -> str | None:
     name = path.name
-    for ext in (*NIFTI_SUFFIXES, PNG_SUFFIX):
+    if name.startswith("."):
+        return None
+    if path.is_dir():
+        return None if labels else name  # images/CASE/: a DICOM series folder
+    for ext in (*NIFTI_SUFFIXES, PNG_SUFFIX, *((DICOM_SEG_SUFFIX,) if labels else ())):
         if name.lower().endswith(ext):
             return name[: -len(ext)]
     return None
@@ -254,7 +296,7 @@ def _generic_cases(root: Path) -> tuple[list[VolumeCase], tuple[str, ...] | None
     labels_dir = root / "labels"
     if not labels_dir.is_dir():
         raise DataError(f"{root}: has images/ but no labels/ folder")
-    label_files = {_case_stem(p): p for p in labels_dir.iterdir() if _case_stem(p)}
+    label_files = {_case_stem(p, labels=True): p for p in labels_dir.iterdir() if _case_stem(p, labels=True)}
     cases = []
     for image_path in sorted((root / "images").iterdir()):
         stem = _case_stem(image_path)
@@ -279,7 +321,28 @@ def _generic_cases(root: Path) -> tuple[list[VolumeCase], tuple[str, ...] | None
                 f'{meta}: expected a \'labels\' mapping such as {{"0": "background", "1": "RV"}}'
             ) from None
         names = tuple(by_value[i] for i in sorted(by_value) if i > 0)
+    elif any(c.label_path is not None and _is_dicom_seg_name(c.label_path) for c in cases):
+        names = _dicom_seg_names(cases)
     return cases, names
+
+
+def _dicom_seg_names(cases: list[VolumeCase]) -> tuple[str, ...]:
+    """Label names from the DICOM-SEG segment labels (segment number = label value), the same in every file."""
+    from samadapt.data.dicom_seg import read_segment_labels
+
+    by_number: dict[int, tuple[str, Path]] = {}
+    for case in cases:
+        if case.label_path is None or not _is_dicom_seg_name(case.label_path):
+            continue
+        for number, name in read_segment_labels(case.label_path).items():
+            seen = by_number.setdefault(number, (name, case.label_path))
+            if seen[0] != name:
+                raise DataError(
+                    f"{case.label_path}: segment {number} is {name!r} but {seen[1].name} calls it {seen[0]!r}; "
+                    "give the same segment numbers to the same structures, or a dataset.json with the labels"
+                )
+    top = max(by_number, default=0)
+    return tuple(by_number[i][0] if i in by_number else f"class{i}" for i in range(1, top + 1))
 
 
 def _values_are_ints(labels: dict) -> bool:
@@ -290,7 +353,11 @@ def _values_are_ints(labels: dict) -> bool:
 def _max_label(cases: list[VolumeCase]) -> int:
     top = 0
     for case in cases:
-        if case.label_path is not None:
+        if case.label_path is not None and _is_dicom_seg_name(case.label_path):
+            from samadapt.data.dicom_seg import read_segment_labels
+
+            top = max(top, *read_segment_labels(case.label_path), 0)
+        elif case.label_path is not None:
             data, _, _ = read_volume_file(case.label_path, label=True)
             top = max(top, int(np.rint(data.max())))
     return max(top, 1)
@@ -302,7 +369,12 @@ def split_patients(
     seed: int,
     fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
 ) -> dict[str, list[str]]:
-    """Seeded patient-level split into train/val/test (70/15/15 by default); every split gets >= 1 patient."""
+    """Seeded patient-level split into train/val/test (70/15/15 by default); every split gets >= 1 patient.
+
+    `seed` is the split seed: the result depends on it and on the set of patients only (not on their order),
+    never on a training seed. AutoSAM fixes its splits once (``create_acdc_folds``: 70/15/15 of the patients,
+    saved to ``splits.pkl``) and trains every run on a prefix of that fold's training list; `patient_splits`
+    and `training_subset` do the same with seeds instead of a file."""
     unique = sorted(set(patients))
     if len(unique) < 3:
         raise DataError(f"need at least 3 patients for a train/val/test split, found {len(unique)}")
@@ -318,6 +390,29 @@ def split_patients(
         "val": order[n_train : n_train + n_val],
         "test": order[n_train + n_val :],
     }
+
+
+def patient_splits(
+    patients: list[str],
+    *,
+    split_seed: int,
+    fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
+) -> dict[str, list[str]]:
+    """{train, val, test} patients from the split seed alone: every training seed and method of a sweep that
+    passes the same `split_seed` is validated and tested on the same patients."""
+    return split_patients(patients, seed=split_seed, fractions=fractions)
+
+
+def training_subset(train_patients: list[str], n: int, *, seed: int) -> list[str]:
+    """The `n` training patients a run with training seed `seed` uses, out of a split's training patients.
+
+    Nested: for one seed, the subset of n is a prefix of the subset of n + 1 (smaller budgets inside larger
+    ones, as AutoSAM's ``tr_keys[0:tr_size]``); the order depends on the seed and the set of patients only."""
+    unique = sorted(set(train_patients))
+    if not 1 <= n <= len(unique):
+        raise ConfigError(f"asked for {n} training patients; the split's training part has {len(unique)}")
+    order = np.random.default_rng(seed).permutation(len(unique))
+    return [unique[i] for i in order[:n]]
 
 
 def read_splits_file(path: Path, dataset: VolumeDataset) -> dict[str, list[str]]:

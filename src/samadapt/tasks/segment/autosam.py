@@ -1,6 +1,7 @@
 """AutoSAM head (Hu, Xu, Shi, arXiv 2306.13731): SAM's mask decoder without prompts, one set of tokens per class.
 
-Per class c the decoder sees the tokens [iou_c, mask_c,1 .. mask_c,k] (new, learned) and the shared image
+Per class c the decoder sees the tokens [iou_c, mask_c,1 .. mask_c,k] (new, learned; k = 2 by default, as the
+reference code's ``MaskDecoder(num_multimask_outputs=1)``, whose first mask is the one used) and the shared image
 embedding; the two-way transformer runs once per class, all classes in one batched call (the embedding is
 repeated B x num_classes times). Each class's first mask token goes through hypernetwork MLP 0 and is dotted
 with the upscaled embedding: logits [B, num_classes, 4h, 4w]; softmax over classes (background included).
@@ -9,7 +10,9 @@ From the checkpoint (`load_sam_decoder_weights`): the transformer, the upscaling
 (`mask_decoder.*`, or `sam_mask_decoder.*` for SAM 2), plus the prompt encoder's positional encoding and
 `no_mask_embed` (what the decoder saw added to the embedding when SAM was trained without a mask prompt; the
 original AutoSAM code used a fresh random positional encoding and no `no_mask_embed`, we keep SAM's own).
-Tokens are new, as in the paper. SAM's IoU-prediction MLP is left out: nothing trains it.
+Tokens are new, as in the paper; the IoU tokens are frozen at their random initialisation as in the reference
+training script (``"iou" in name -> requires_grad = False``; `learn_iou_token=True` trains them). SAM's
+IoU-prediction MLP is left out: nothing trains it (the reference freezes it too).
 SAM 2's decoder adds high-resolution encoder features inside the upscaling path; the cached embedding holds only
 the 64x64 level, so the head runs SAM 2's decoder weights without them.
 """
@@ -24,6 +27,9 @@ from samadapt.tasks.segment.transformer import MLP, LayerNorm2d, PositionEmbeddi
 
 DECODER_PREFIXES = ("mask_decoder.", "sam_mask_decoder.")  # SAM / MedSAM, SAM 2
 PROMPT_PREFIXES = ("prompt_encoder.", "sam_prompt_encoder.")
+DEFAULT_MASK_TOKENS_PER_CLASS = (
+    2  # AutoSAM's MaskDecoder(num_multimask_outputs=1): 1 + 1 mask tokens per class
+)
 
 
 class AutoSamHead(nn.Module):
@@ -32,13 +38,16 @@ class AutoSamHead(nn.Module):
         *,
         num_classes: int,
         transformer_dim: int = 256,
-        mask_tokens_per_class: int = 1,
+        mask_tokens_per_class: int = DEFAULT_MASK_TOKENS_PER_CLASS,
         depth: int = 2,
         num_heads: int = 8,
         mlp_dim: int = 2048,
+        learn_iou_token: bool = False,
     ) -> None:
-        """num_classes includes background; mask_tokens_per_class=2 reproduces the paper's code (1 used)."""
+        """num_classes includes background; mask_tokens_per_class=2 (the default) is the paper's code (1 used)."""
         super().__init__()
+        if mask_tokens_per_class < 1:
+            raise ValueError(f"mask_tokens_per_class must be >= 1, got {mask_tokens_per_class}")
         self.num_classes = num_classes
         self.mask_tokens_per_class = mask_tokens_per_class
         self.transformer_dim = transformer_dim
@@ -46,6 +55,8 @@ class AutoSamHead(nn.Module):
             depth=depth, embedding_dim=transformer_dim, num_heads=num_heads, mlp_dim=mlp_dim
         )
         self.iou_token = nn.Embedding(num_classes, transformer_dim)
+        # AutoSAM's training script freezes every parameter named "iou": the IoU tokens stay at their random init
+        self.iou_token.weight.requires_grad_(learn_iou_token)
         self.mask_tokens = nn.Embedding(num_classes * mask_tokens_per_class, transformer_dim)
         self.output_upscaling = nn.Sequential(
             nn.ConvTranspose2d(transformer_dim, transformer_dim // 4, kernel_size=2, stride=2),

@@ -38,6 +38,14 @@ class SegmentConfig(EncoderRunConfig):
     lr: float = setting(5e-4, "Adam learning rate")
     patience: int = setting(30, "early-stopping patience on validation Dice")
     aug_views: int = setting(2, "augmented views per training slice, encoded once and cached")
+    augment: Literal["reference", "light", "none"] = setting(
+        "reference", "reference (AutoSAM's: brightness, gamma, noise, mirroring, elastic, scale 0.5-1.9) | light "
+        "(rotation, scale 0.85-1.15, shift, flips) | none"
+    )  # fmt: skip
+    mask_tokens_per_class: int = setting(
+        2, "AutoSAM mask tokens per class (the first is used; the reference: 2)"
+    )
+    learn_iou_token: bool = setting(False, "train AutoSAM's IoU tokens (the reference freezes them)")
     online_encoder: bool = setting(False, "encode fresh augmentations every batch (slow, exact)")
     label_names: list[str] | None = setting(None, "e.g. RV,MYO,LV (ACDC default)")
     splits: str | None = setting(None, "JSON {train, val, test} patient lists (overrides --split-seed)")
@@ -48,7 +56,9 @@ class SegmentConfig(EncoderRunConfig):
     def _all(cls, value: Any) -> Any:
         return None if value is None or str(value).strip().lower() == "all" else value
 
-    @field_validator("train_volumes", "epochs", "batch_size", "patience", "unet_image_size")
+    @field_validator(
+        "train_volumes", "epochs", "batch_size", "patience", "unet_image_size", "mask_tokens_per_class"
+    )
     @classmethod
     def _at_least_one(cls, value: int | None) -> int | None:
         if value is not None and value < 1:

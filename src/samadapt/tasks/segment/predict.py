@@ -32,7 +32,8 @@ class Segmenter:
                 f"{config_path}: recorded.num_classes must be an integer >= 2, found {num_classes!r}"
             )
         self.label_names = list(recorded.get("label_names") or [])
-        self.head = build_head(cfg.method, num_classes=num_classes, unet_channels=tuple(cfg.unet_channels))
+        self.head = build_head(cfg.method, num_classes=num_classes, unet_channels=tuple(cfg.unet_channels),
+                               mask_tokens_per_class=cfg.mask_tokens_per_class)  # fmt: skip
         weights_path = self.run / "model.safetensors"
         load_weights_into(self.head, load_weights(weights_path), path=weights_path)
         self.head.eval()
@@ -82,15 +83,44 @@ def write_label_volume(reference: Path, labels: np.ndarray, out: Path) -> Path:
 
 def predict_file(
     cfg: SegmentConfig, recorded: dict[str, Any], *, run: str | Path, source: str | Path, out: str | Path,
-    checkpoint: str | None = None, device: str = "cpu",
+    output_format: str | None = None, checkpoint: str | None = None, device: str = "cpu",
 ) -> Path:  # fmt: skip
+    """Segment a NIfTI volume or a DICOM series folder; write NIfTI (the input's affine) or a DICOM-SEG that
+    references the input series (one segment per structure, named by the run's label names)."""
     source, out = Path(source), Path(out)
-    if not str(source).endswith((".nii", ".nii.gz")):
-        raise DataError(f"{source}: expected a .nii or .nii.gz volume")
-    if not str(out).endswith((".nii", ".nii.gz")):
-        raise ConfigError(f"--out {out}: expected a .nii or .nii.gz file name")
+    fmt = output_format or ("dicom-seg" if out.suffix.lower() == ".dcm" else "nifti")
+    is_series = source.is_dir()
+    if not is_series and not str(source).endswith((".nii", ".nii.gz")):
+        raise DataError(f"{source}: expected a .nii or .nii.gz volume or a DICOM series folder")
+    if fmt == "nifti" and not str(out).endswith((".nii", ".nii.gz")):
+        raise ConfigError(f"--out {out}: expected a .nii or .nii.gz file name (or --output-format dicom-seg)")
+    if fmt == "dicom-seg" and not is_series:
+        raise ConfigError(f"--output-format dicom-seg needs a DICOM series folder as --input, got {source}")
     image, affine, spacing = read_volume_file(source)
-    labels = Segmenter(cfg, recorded, run=run, checkpoint=checkpoint, device=device).predict(
-        Volume(image=image, label=None, affine=affine, spacing=spacing)
-    )
+    segmenter = Segmenter(cfg, recorded, run=run, checkpoint=checkpoint, device=device)
+    labels = segmenter.predict(Volume(image=image, label=None, affine=affine, spacing=spacing))
+    if fmt == "dicom-seg":
+        from samadapt.data.dicom_seg import write_dicom_seg
+
+        names = segmenter.label_names or [f"label {i}" for i in range(1, int(labels.max()) + 1)]
+        return write_dicom_seg(labels, source=source, out=out, label_names=names)
+    if is_series:
+        return write_label_nifti(labels, affine=affine, out=out)
     return write_label_volume(source, labels, out)
+
+
+def write_label_nifti(labels: np.ndarray, *, affine: np.ndarray, out: Path) -> Path:
+    """Labels as NIfTI with a given affine (a DICOM series input has no NIfTI header to copy), atomically."""
+    import nibabel as nib
+
+    from samadapt.utils.atomic import atomic_path
+
+    img = nib.Nifti1Image(labels.astype(np.uint8), affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    suffix = ".nii.gz" if str(out).endswith(".gz") else ".nii"
+    with atomic_path(out) as tmp:
+        path = tmp.with_name(tmp.name + suffix)
+        nib.save(img, str(path))
+        path.replace(tmp)
+    return out

@@ -5,10 +5,13 @@ Each slice (array axes 0, 1 of the volume, at index z of axis 2) is windowed to 
 preprocessing (SAM's longest-side resize + pad, MedSAM's and SAM 2's square resize) maps a square to the S x S
 input the same way, so a prediction maps back by one resize (S/4 logits -> side x side) and one crop (H x W).
 
-Training targets are the padded label resized (nearest) to the loss grid L = min(S, 256).
+The U-Net baseline sees pixels at its own side U (`unet_input`, U = 224 by default, AutoSAM's U-Net input),
+whatever S the encoders use. Training targets are the padded label resized (nearest) to the loss grid
+L = min(side, 256) of the model being trained: side = S for the embedding heads, U for the U-Net
+(`heads.input_size`).
 
-Augmentation and the embedding cache: a training slice has view 0 (as is) and `aug_views` augmented views (random
-rotation, scaling, translation and flips applied jointly to image and label, seeded by seed/slice/view). Each view
+Augmentation and the embedding cache: a training slice has view 0 (as is) and `aug_views` augmented views (an
+augmentation of `augment.AUGMENTATIONS`, applied jointly to image and label, seeded by seed/slice/view). Each view
 is encoded once and cached in the embedding store (its key is the image content, so reruns hit the cache); every
 epoch draws one view per slice. `--online-encoder` instead augments afresh and encodes every batch (slow, exact).
 """
@@ -16,6 +19,7 @@ epoch draws one view per slice. `--online-encoder` instead augments afresh and e
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +29,7 @@ from torch.nn import functional as F
 from samadapt.data.volumes import Volume, VolumeCase, to_uint8
 
 LOSS_GRID_MAX = 256
+UNET_IMAGE_SIZE = 224  # AutoSAM's U-Net baseline input (its ACDC slices are resized to 224 x 224)
 
 
 def loss_grid(image_size: int) -> int:
@@ -57,6 +62,12 @@ def image_tensor(images: list[np.ndarray], size: int) -> torch.Tensor:
     """uint8 squares -> float [N, 1, S, S] in [0, 1] (the U-Net's input)."""
     t = torch.from_numpy(np.stack(images)).float()[:, None] / 255.0
     return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
+def unet_input(images: list[np.ndarray], *, unet_image_size: int = UNET_IMAGE_SIZE) -> torch.Tensor:
+    """uint8 squares (sides may differ between volumes) -> the U-Net's input [N, 1, U, U], at its own side U
+    (not the encoder's)."""
+    return torch.cat([image_tensor([image], unet_image_size) for image in images])
 
 
 def augment_pair(
@@ -132,11 +143,18 @@ class ImageList:
 
 
 def augmented_views(
-    slices: SliceSet, *, views: int, seed: int
+    slices: SliceSet,
+    *,
+    views: int,
+    seed: int,
+    augment: Callable[
+        [np.ndarray, np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]
+    ] = augment_pair,
 ) -> tuple[list[np.ndarray], list[np.ndarray], list[list[int]], list[str]]:
     """View 0 (as is) plus `views` augmented copies of every slice: (images, labels, rows per slice, ids).
 
-    A view's randomness depends on (seed, slice id, view) only, so runs with other training subsets reuse it.
+    `augment` is one of `augment.AUGMENTATIONS` (default: the light `augment_pair`). A view's randomness depends
+    on (seed, slice id, view) only, so runs with other training subsets reuse it.
     """
     images, labels, rows, ids = [], [], [], []
     for img, lab, sid in zip(slices.images, slices.labels, slices.ids):
@@ -145,7 +163,7 @@ def augmented_views(
             if v == 0:
                 a, b = img, lab
             else:
-                a, b = augment_pair(img, lab, np.random.default_rng([seed, zlib.crc32(sid.encode()), v]))
+                a, b = augment(img, lab, np.random.default_rng([seed, zlib.crc32(sid.encode()), v]))
             mine.append(len(images))
             images.append(a)
             labels.append(b)

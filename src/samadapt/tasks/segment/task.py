@@ -101,10 +101,20 @@ class SegmentTask(Task):
         if cfg.method == "unet" and cfg.unet_image_size != 224:
             rows.append({"setting": "unet_image_size", "reference": "224", "this run": str(cfg.unet_image_size),
                          "why": "chosen by the user"})  # fmt: skip
-        rows.append({"setting": "augmentation", "reference": "every iteration: brightness, gamma, noise, mirroring, "
-                     "elastic, scale 0.5-1.9", "this run": f"{cfg.aug_views} cached views + the slice (rotation, "
-                     "scale 0.85-1.15, shift, flips)" if not cfg.online_encoder else "online, light set",
-                     "why": "embeddings are cached per view: the encoder never runs inside an epoch"})  # fmt: skip
+        where = (
+            "online, every batch"
+            if cfg.online_encoder or cfg.method == "unet"
+            else f"{cfg.aug_views} cached views"
+        )
+        if cfg.augment != "reference" or not (cfg.online_encoder or cfg.method == "unet"):
+            rows.append({"setting": "augmentation", "reference": "every iteration: brightness, gamma, noise, "
+                         "mirroring, elastic, scale 0.5-1.9", "this run": f"{cfg.augment}, {where} (+ the slice as is)",
+                         "why": "cached views: the encoder never runs inside an epoch (--online-encoder for every "
+                         "iteration)" if cfg.augment == "reference" else "chosen with --augment"})  # fmt: skip
+        if cfg.method == "autosam" and (cfg.mask_tokens_per_class != 2 or cfg.learn_iou_token):
+            rows.append({"setting": "AutoSAM tokens", "reference": "2 mask tokens per class, IoU tokens frozen",
+                         "this run": f"{cfg.mask_tokens_per_class} mask tokens, IoU tokens "
+                         f"{'trained' if cfg.learn_iou_token else 'frozen'}", "why": "chosen by the user"})  # fmt: skip
         rows.append({"setting": "HD95", "reference": "medpy, pixels on the 224 grid, 0 when a side is empty",
                      "this run": "MONAI, mm at the volume spacing, the diagonal when one side is empty",
                      "why": "physical units; a missed structure is not scored as perfect"})  # fmt: skip
@@ -112,7 +122,13 @@ class SegmentTask(Task):
 
     # ---- predict --------------------------------------------------------------------------------------------
     def add_predict_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--input", type=Path, required=True, help="VOLUME.nii.gz (or .nii)")
+        parser.add_argument(
+            "--input", type=Path, required=True, help="VOLUME.nii.gz (or .nii), or a DICOM series folder"
+        )
+        parser.add_argument(
+            "--output-format", choices=("nifti", "dicom-seg"), default=None,
+            help="nifti (default) or dicom-seg (a DICOM-SEG referencing the input series; default for a .dcm --out)",
+        )  # fmt: skip
 
     def checkpoints(self, cfg: SegmentConfig, recorded: dict[str, Any]) -> list:  # type: ignore[override]
         if cfg.method not in EMBEDDING_HEADS:
@@ -122,5 +138,5 @@ class SegmentTask(Task):
     def predict(self, cfg, recorded, *, run: Path, args: argparse.Namespace, progress: bool) -> Path:  # type: ignore[override]
         from samadapt.tasks.segment.predict import predict_file
 
-        return predict_file(cfg, recorded, run=run, source=args.input, out=args.out,
+        return predict_file(cfg, recorded, run=run, source=args.input, out=args.out, output_format=args.output_format,
                             checkpoint=args.checkpoints.get("encoder"), device=args.device or "cpu")  # fmt: skip

@@ -18,16 +18,22 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from samadapt.data.volumes import VolumeDataset, read_splits_file, read_volumes, split_patients
+from samadapt.data.volumes import (
+    VolumeDataset,
+    patient_splits,
+    read_splits_file,
+    read_volumes,
+    training_subset,
+)
 from samadapt.errors import ConfigError, DataError
 from samadapt.evaluation.segmentation import summarize, volume_scores
+from samadapt.tasks.segment.augment import get_augmentation
 from samadapt.tasks.segment.config import SegmentConfig
 from samadapt.tasks.segment.heads import CHECKPOINT_INIT, EMBEDDING_HEADS, build_head, count_parameters
 from samadapt.tasks.segment.inference import predict_volume
 from samadapt.tasks.segment.slices import (
     ImageList,
     SliceSet,
-    augment_pair,
     augmented_views,
     build_slices,
     image_tensor,
@@ -70,11 +76,13 @@ class TrainSlices(Dataset):
         slices: SliceSet,
         image_size: int,
         aug_views: int,
+        augment: Any = None,
         view_rows: list[list[int]] | None = None,
         view_labels: list[np.ndarray] | None = None,
         table: Any = None,
     ) -> None:
         self.mode, self.slices, self.image_size, self.aug_views = mode, slices, image_size, aug_views
+        self.augment = augment
         self.view_rows, self.view_labels, self.table = view_rows, view_labels, table
         self.grid = loss_grid(image_size)
 
@@ -90,8 +98,8 @@ class TrainSlices(Dataset):
             )
         image, label = self.slices.images[i], self.slices.labels[i]
         # Same mix as the cached views: the slice as is with probability 1 / (aug_views + 1).
-        if self.aug_views and int(torch.randint(self.aug_views + 1, (1,))) > 0:
-            image, label = augment_pair(image, label, np.random.default_rng(int(torch.randint(2**31, (1,)))))
+        if self.augment is not None and self.aug_views and int(torch.randint(self.aug_views + 1, (1,))) > 0:
+            image, label = self.augment(image, label, np.random.default_rng(int(torch.randint(2**31, (1,)))))
         target = resize_label(label, self.grid)
         if self.mode == "pixels":
             return image_tensor([image], self.image_size)[0], target
@@ -107,14 +115,7 @@ def resolve_splits(
     auto = dataset.root / "splits.json"
     if auto.is_file():
         return read_splits_file(auto, dataset)
-    return split_patients(dataset.patients, seed=split_seed)
-
-
-def training_patients(train: list[str], n: int | None, *, seed: int) -> list[str]:
-    """`n` training patients for a training seed: a seeded order of the split's training patients, cut at n, so
-    for one seed the smaller subsets lie inside the larger ones."""
-    order = [train[i] for i in np.random.default_rng(seed).permutation(len(train))]
-    return order[: n or len(order)]
+    return patient_splits(dataset.patients, split_seed=split_seed)
 
 
 @dataclass
@@ -198,7 +199,7 @@ def fit_head(
         log.info("%s head at encoder size %d (AutoSAM encodes at 1024): a %dx%d embedding grid", head,
                  cfg.encoder_size, cfg.encoder_size // 16, cfg.encoder_size // 16)  # fmt: skip
     seed_everything(cfg.seed)
-    patients = training_patients(prepared.splits["train"], cfg.train_volumes, seed=cfg.seed)
+    patients = training_subset(prepared.splits["train"], cfg.train_volumes or available, seed=cfg.seed)
     train = build_slices(prepared.dataset.cases_of(patients))
     if not len(train):
         raise DataError(f"{cfg.data}: the training patients {patients[:3]} hold no labelled slices")
@@ -206,7 +207,9 @@ def fit_head(
     size = cfg.input_size
     grid = loss_grid(size)
     num_classes = prepared.num_classes
-    model = build_head(head, num_classes=num_classes, unet_channels=tuple(cfg.unet_channels))
+    model = build_head(head, num_classes=num_classes, unet_channels=tuple(cfg.unet_channels),
+                       mask_tokens_per_class=cfg.mask_tokens_per_class, learn_iou_token=cfg.learn_iou_token)  # fmt: skip
+    augment = get_augmentation(cfg.augment) if cfg.augment != "none" else None
     init_from: list[str] = []
     enc = None
     if head in EMBEDDING_HEADS:
@@ -224,14 +227,17 @@ def fit_head(
         elif head in CHECKPOINT_INIT:
             log.warning("no --checkpoint: the %s head starts from random decoder weights", head)
         if cfg.online_encoder:
-            train_set = TrainSlices(mode="online", slices=train, image_size=size, aug_views=cfg.aug_views)
+            train_set = TrainSlices(mode="online", slices=train, image_size=size, aug_views=cfg.aug_views,
+                                    augment=augment)  # fmt: skip
         else:
-            images, labels, rows, ids = augmented_views(train, views=cfg.aug_views, seed=cfg.seed)
+            views = cfg.aug_views if augment is not None else 0
+            images, labels, rows, ids = augmented_views(train, views=views, seed=cfg.seed, augment=augment)
             table = embed_dataset(ImageList(images, ids), enc, cfg.store_dir(), progress=progress)["neck"]
             train_set = TrainSlices(mode="cached", slices=train, image_size=size, aug_views=cfg.aug_views,
                                     view_rows=rows, view_labels=labels, table=table)  # fmt: skip
     else:
-        train_set = TrainSlices(mode="pixels", slices=train, image_size=size, aug_views=cfg.aug_views)
+        train_set = TrainSlices(mode="pixels", slices=train, image_size=size, aug_views=cfg.aug_views,
+                                augment=augment)  # fmt: skip
 
     loss = make_loss()
 
