@@ -111,6 +111,15 @@ ENCODERS: dict[str, EncoderSpec] = {
         "sam2_hiera_l", "sam2", SAM2_HIERA_L, "sam2",
         official_files=("sam2_hiera_large.pt", "sam2.1_hiera_large.pt"), description="SAM 2 / 2.1 Hiera-L",
     ),
+    # MedSAM2 (Ma et al. 2025): SAM 2.1 Hiera-T fine-tuned at 512 px. Its config `sam2.1_hiera_t512.yaml` differs
+    # from the official `sam2.1_hiera_t.yaml` only in `image_size` (512) and the memory attention's RoPE grid
+    # (32x32, not part of the image encoder): trunk, neck and windows are Hiera-T's.
+    "medsam2": EncoderSpec(
+        "medsam2", "sam2", SAM2_HIERA_T, "medsam2", default_image_size=512,
+        official_files=("MedSAM2_latest.pt", "MedSAM2_2411.pt", "MedSAM2_CTLesion.pt", "MedSAM2_MRI_LiverLesion.pt",
+                        "MedSAM2_US_Heart.pt"),
+        description="MedSAM2 (SAM 2.1 Hiera-T fine-tuned on medical volumes and videos, 512 px)",
+    ),
     "mobilesam_vit_t": EncoderSpec(
         "mobilesam_vit_t", "mobilesam", MOBILESAM_VIT_T, "sam", official_files=("mobile_sam.pt",),
         description="MobileSAM TinyViT-5M distilled from SAM ViT-H (5M encoder params)",
