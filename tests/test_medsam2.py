@@ -109,6 +109,22 @@ def test_store_holds_medsam2_embeddings(real_images: dict, tmp_path: Path) -> No
     assert encoder.cache_key_fields()["preprocessing"] == "medsam2"
 
 
+@pytest.mark.e2e
+def test_medsam2_file_works_as_the_automatic_masker(medsam2_file) -> None:
+    from samadapt.encoders.masks import MaskerSettings, load_masker
+
+    path, model = medsam2_file
+    settings = MaskerSettings(points_per_side=2, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    masker = load_masker("medsam2", path, settings=settings)
+    assert masker.image_size == 512 and masker.model.image_size == 512
+    saved = model.state_dict()
+    assert all(torch.equal(masker.model.state_dict()[k], saved[k]) for k in saved)
+    image = np.zeros((40, 60), np.uint8)
+    image[10:30, 15:45] = 200
+    masks = masker(image)
+    assert masks.masks.shape[1:] == (40, 60)
+
+
 def test_other_checkpoints_are_named(tmp_path: Path) -> None:
     small = tmp_path / "sam2.1_hiera_small.pt"
     torch.manual_seed(0)
