@@ -29,7 +29,7 @@ import logging
 import os
 import warnings
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +74,6 @@ class ClipModel:
     # the prompt template the weights' authors use ({class} is replaced by the class name)
     default_template: str = DEFAULT_TEMPLATE
     context_length: int = 77
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def image_size(self) -> int:

@@ -121,7 +121,10 @@ def resolve_clip_folder(folder: Path, *, checkpoint: Path | None = None) -> Clip
             )
         text_cfg["hf_model_name"] = str(text_dir)
         text_cfg["hf_model_pretrained"] = False  # the folder's weights hold the text tower too
-        hf_tokenizer = str(text_cfg.get("hf_tokenizer_name") or hf_model)
+        template = next((t for k, t in TEMPLATES.items() if k in hf_model.lower()), None)
+    # an HF tokenizer goes with an HF text tower, and with some open_clip towers too (SigLIP-style configs)
+    hf_tokenizer = str(text_cfg.get("hf_tokenizer_name") or hf_model)
+    if hf_tokenizer:
         tokenizer_dir = _find(folder, hf_tokenizer, TOKENIZER_FILES)
         if tokenizer_dir is None:
             raise ConfigError(
@@ -129,8 +132,6 @@ def resolve_clip_folder(folder: Path, *, checkpoint: Path | None = None) -> Clip
                 f"{hf_tokenizer!r} (put the tokenizer files into the folder; nothing is downloaded)"
             )
         text_cfg["hf_tokenizer_name"] = str(tokenizer_dir)
-        key = hf_model.lower()
-        template = next((t for k, t in TEMPLATES.items() if k in key), None)
     return ClipFolder(
         folder=folder,
         model_cfg=model_cfg,
