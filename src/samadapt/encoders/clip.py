@@ -213,9 +213,8 @@ def known_clip_releases() -> dict[str, tuple[str, str, bool]]:
 
     table: dict[str, tuple[str, str, bool]] = {}
     for model, tag in open_clip.list_pretrained():
-        if model.endswith(
-            "-quickgelu"
-        ):  # open_clip lists every QuickGELU release a second time under this name
+        # open_clip lists every QuickGELU release a second time under its -quickgelu model name
+        if model.endswith("-quickgelu"):
             continue
         cfg = open_clip.get_pretrained_cfg(model, tag)
         url = str(cfg.get("url") or "")
@@ -251,9 +250,8 @@ def decide_quick_gelu(
     if path is None:
         return False, "random weights (no checkpoint)"
     if evidence is not None:
-        return True, f"{path.name} is {evidence}" if evidence.startswith(
-            "an "
-        ) else f"{path.name} has {evidence}"
+        verb = "is" if evidence.startswith("an ") else "has"
+        return True, f"{path.name} {verb} {evidence}"
     release = lookup_clip_release(sha256) if sha256 else None
     if release is not None:
         model, tag, quick = release
@@ -347,9 +345,9 @@ def load_clip(
 
 def _uses_open_clip_activation(model_cfg: dict[str, Any]) -> bool:
     """QuickGELU only changes open_clip's own towers: not a timm image tower nor a Hugging Face text tower."""
-    return not model_cfg["vision_cfg"].get("timm_model_name") or not model_cfg["text_cfg"].get(
-        "hf_model_name"
-    )
+    timm_image = bool(model_cfg["vision_cfg"].get("timm_model_name"))
+    hf_text = bool(model_cfg["text_cfg"].get("hf_model_name"))
+    return not (timm_image and hf_text)
 
 
 def _load_clip_folder(

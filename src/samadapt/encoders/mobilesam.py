@@ -31,10 +31,8 @@ from torch import Tensor, nn
 from samadapt.errors import CheckpointError, ConfigError
 
 SIZE_MULTIPLE = 16  # stride-2 convs halve exactly (S/4 and S/8 even) when S is a multiple of 16
-PATCH_EMBED_STRIDES = (
-    4,
-    1,
-)  # MobileSAM / TinyViT (two 3x3 stride-2 convs); LiteMedSAM (two 1x1 stride-1 convs)
+# MobileSAM / TinyViT: two 3x3 stride-2 convs; LiteMedSAM: two 1x1 stride-1 convs
+PATCH_EMBED_STRIDES = (4, 1)
 
 
 class MobileSamEncoder(nn.Module):
