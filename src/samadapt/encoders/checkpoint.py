@@ -138,8 +138,9 @@ def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch
 def describe_contents(state: dict[str, torch.Tensor]) -> str:
     """Say what a state dict holds, in the words an error message needs."""
     if "image_encoder.patch_embed.seq.0.c.weight" in state:
-        dims = state["image_encoder.patch_embed.seq.0.c.weight"].shape[0] * 2
-        return f"a MobileSAM TinyViT image encoder (first stage width {dims})"
+        from samadapt.encoders.mobilesam import describe_tinyvit_state
+
+        return describe_tinyvit_state(state)  # MobileSAM or LiteMedSAM, told by the patch-embedding kernel
     sam_key = next(
         (k for k in ("image_encoder.patch_embed.proj.weight", "patch_embed.proj.weight") if k in state), None
     )

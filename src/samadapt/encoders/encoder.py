@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 IMPLEMENTATION_VERSION = 1
 PRECISIONS = ("fp32", "bf16")
 # SAM's ViT needs whole 16-px patches; Hiera tiles an 8x8 window embedding over the S/4 grid, so S % 32 == 0.
-SIZE_MULTIPLE = {"sam": 16, "sam2": 32, "mobilesam": 16}
+SIZE_MULTIPLE = {"sam": 16, "sam2": 32, "mobilesam": 16, "litemedsam": 16}
 RANDOM_WEIGHTS_SEED = 0
 
 
@@ -69,7 +69,8 @@ class Encoder:
 
     @property
     def embedding_grid(self) -> int:
-        return self.image_size // 16
+        # 16 for SAM, SAM 2 and MobileSAM; LiteMedSAM's stride-1 patch embedding makes it 4
+        return self.image_size // getattr(self.module, "embedding_stride", 16)
 
     def cache_key_fields(self) -> dict[str, Any]:
         """Everything that determines the output for a given image: the embedding store's key includes all of it."""
@@ -178,7 +179,7 @@ def _build_module(spec: EncoderSpec, arch: dict[str, Any], image_size: int) -> n
         from samadapt.encoders.sam2_hiera import Sam2HieraEncoder
 
         return Sam2HieraEncoder(**arch, img_size=image_size)
-    if spec.family == "mobilesam":
+    if spec.family in ("mobilesam", "litemedsam"):
         from samadapt.encoders.mobilesam import MobileSamEncoder
 
         return MobileSamEncoder(**arch, img_size=image_size)
@@ -197,7 +198,7 @@ def _encoder_state(spec: EncoderSpec, state: dict[str, torch.Tensor], path: Path
 
         if "image_encoder.trunk.patch_embed.proj.weight" in state:
             return select_sam2_encoder_state(state)
-    elif spec.family == "mobilesam":
+    elif spec.family in ("mobilesam", "litemedsam"):
         from samadapt.encoders.mobilesam import select_mobilesam_encoder_state
 
         if "image_encoder.patch_embed.seq.0.c.weight" in state:
@@ -209,6 +210,13 @@ def _check_architecture(
     spec: EncoderSpec, arch: dict[str, Any], state: dict[str, torch.Tensor], path: Path
 ) -> None:
     """Refuse a model-type/checkpoint mismatch (the most common user error in SAM toolkits) before loading."""
+    if spec.family in ("mobilesam", "litemedsam"):
+        from samadapt.encoders.mobilesam import describe_tinyvit_state, tinyvit_patch_embed_stride
+
+        if tinyvit_patch_embed_stride(state) != arch.get("patch_embed_stride", 4):
+            raise CheckpointError(
+                f"checkpoint {path}: holds {describe_tinyvit_state(state)}; you asked for {spec.name}"
+            )
     if spec.family == "sam":
         dim = state["patch_embed.proj.weight"].shape[0]
         depth = len({k.split(".", 2)[1] for k in state if k.startswith("blocks.")})

@@ -39,6 +39,7 @@ _CONFIG_STEMS = {
     "sam2_hiera_s": "hiera_s",
     "sam2_hiera_b+": "hiera_b+",
     "sam2_hiera_l": "hiera_l",
+    "medsam2": "hiera_t",  # SAM 2.1 Hiera-T; its registry entry's default size (512) is MedSAM2's
 }
 # keys only SAM 2.1 checkpoints carry
 _SAM21_KEYS = ("no_obj_embed_spatial", "obj_ptr_tpos_proj.weight")

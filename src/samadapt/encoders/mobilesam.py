@@ -12,6 +12,11 @@ The classification head is dropped. Weight layout of the official `mobile_sam.pt
 The official forward reshapes the last stage to a fixed 64 x 64 grid, so it only runs at 1024; timm's blocks infer
 the grid from the input, so other sizes (multiples of 16) run here too, with the
 attention biases of each window unchanged (they are relative offsets inside a window, not absolute positions).
+
+LiteMedSAM (the MedSAM team's TinyViT distilled from MedSAM, `tiny_vit_sam.py` on MedSAM's LiteMedSAM branch) is
+the same encoder with one change, `patch_embed_stride=1` here: its patch embedding's two Conv2d_BN are 1x1 with
+stride 1 instead of 3x3 with stride 2, so a 256 input keeps 256 x 256 tokens in the first stage and ends, like
+MobileSAM at 1024, at a 64 x 64 grid (stride 4 overall). Same state-dict layout, 1x1 kernels in `patch_embed.seq`.
 """
 
 from __future__ import annotations
@@ -20,12 +25,14 @@ import re
 from collections.abc import Mapping, Sequence
 
 from timm.layers import LayerNorm2d
-from timm.models.tiny_vit import TinyVit
+from timm.models.tiny_vit import ConvNorm, TinyVit
 from torch import Tensor, nn
 
 from samadapt.errors import CheckpointError, ConfigError
 
 SIZE_MULTIPLE = 16  # stride-2 convs halve exactly (S/4 and S/8 even) when S is a multiple of 16
+# MobileSAM / TinyViT: two 3x3 stride-2 convs; LiteMedSAM: two 1x1 stride-1 convs
+PATCH_EMBED_STRIDES = (4, 1)
 
 
 class MobileSamEncoder(nn.Module):
@@ -43,12 +50,22 @@ class MobileSamEncoder(nn.Module):
         local_conv_size: int,
         out_chans: int,
         img_size: int = 1024,
+        patch_embed_stride: int = 4,
     ) -> None:
-        """Build the trunk from timm's TinyVit with MobileSAM's numbers; `img_size` is the preprocessed input side."""
+        """Build the trunk from timm's TinyVit with MobileSAM's numbers; `img_size` is the preprocessed input side.
+
+        `patch_embed_stride=1` builds LiteMedSAM's patch embedding (1x1 stride-1 convs) instead of TinyViT's.
+        """
         super().__init__()
-        if img_size <= 0 or img_size % SIZE_MULTIPLE:
+        if patch_embed_stride not in PATCH_EMBED_STRIDES:
             raise ConfigError(
-                f"MobileSAM image size must be a positive multiple of {SIZE_MULTIPLE}; got {img_size}"
+                f"patch_embed_stride must be one of {PATCH_EMBED_STRIDES}; got {patch_embed_stride}"
+            )
+        # the two stride-2 merges after the patch embedding halve exactly when S / patch stride is a multiple of 4
+        multiple = 4 * patch_embed_stride  # SIZE_MULTIPLE for MobileSAM
+        if img_size <= 0 or img_size % multiple:
+            raise ConfigError(
+                f"MobileSAM image size must be a positive multiple of {multiple}; got {img_size}"
             )
         tiny_vit = TinyVit(
             num_classes=0,
@@ -62,6 +79,10 @@ class MobileSamEncoder(nn.Module):
             local_conv_size=local_conv_size,
         )
         self.patch_embed = tiny_vit.patch_embed
+        if patch_embed_stride == 1:
+            half = embed_dims[0] // 2
+            self.patch_embed.conv1 = ConvNorm(3, half, 1, 1, 0)
+            self.patch_embed.conv2 = ConvNorm(half, embed_dims[0], 1, 1, 0)
         self.stages = tiny_vit.stages
         # MobileSAM's stride-1 last merging: same depthwise 3x3 conv (same weight shape), stride 1.
         last = self.stages[-1].downsample.conv2
@@ -82,6 +103,9 @@ class MobileSamEncoder(nn.Module):
         )
         self.img_size = img_size
         self.num_stages = len(depths)
+        self.size_multiple = multiple
+        # patch embedding, then two stride-2 merges (the last merging is stride 1)
+        self.embedding_stride = patch_embed_stride * 4
 
     def forward(self, x: Tensor, layers: Sequence[int] | None = None) -> tuple[Tensor, dict[int, Tensor]]:
         """x: [B,3,S,S] SAM-preprocessed images -> (neck embedding, {stage index: stage output})."""
@@ -92,8 +116,8 @@ class MobileSamEncoder(nn.Module):
                 f"unknown MobileSAM layers {unknown}; known layers: {list(range(self.num_stages))}"
             )
         h, w = x.shape[-2:]
-        if h % SIZE_MULTIPLE or w % SIZE_MULTIPLE:
-            raise ValueError(f"MobileSAM input sides must be multiples of {SIZE_MULTIPLE}; got {h}x{w}")
+        if h % self.size_multiple or w % self.size_multiple:
+            raise ValueError(f"MobileSAM input sides must be multiples of {self.size_multiple}; got {h}x{w}")
         x = self.patch_embed(x)
         out: dict[int, Tensor] = {}
         for index, stage in enumerate(self.stages):
@@ -139,3 +163,24 @@ def select_mobilesam_encoder_state(
             key = pattern.sub(replacement, key)
         selected[key] = value
     return selected
+
+
+def tinyvit_patch_embed_stride(state: Mapping[str, Tensor]) -> int | None:
+    """4 for a MobileSAM TinyViT (3x3 stride-2 patch embedding), 1 for LiteMedSAM's (1x1), None for neither.
+
+    Accepts a full official state dict (`image_encoder.patch_embed.seq.0.c.weight`) or our module's keys.
+    """
+    weight = state.get("image_encoder.patch_embed.seq.0.c.weight", state.get("patch_embed.conv1.conv.weight"))
+    if weight is None or weight.ndim != 4:
+        return None
+    return {3: 4, 1: 1}.get(int(weight.shape[-1]))
+
+
+def describe_tinyvit_state(state: Mapping[str, Tensor]) -> str:
+    """E.g. 'a LiteMedSAM TinyViT image encoder (first stage width 64, 1x1 patch embedding)', for errors."""
+    weight = state.get("image_encoder.patch_embed.seq.0.c.weight", state.get("patch_embed.conv1.conv.weight"))
+    width = int(weight.shape[0]) * 2 if weight is not None else "?"
+    stride = tinyvit_patch_embed_stride(state)
+    kind = {1: "LiteMedSAM", 4: "MobileSAM"}.get(stride or 0, "TinyViT-like")
+    kernel = {1: "1x1", 4: "3x3 stride-2"}.get(stride or 0, "unknown")
+    return f"a {kind} TinyViT image encoder (first stage width {width}, {kernel} patch embedding)"

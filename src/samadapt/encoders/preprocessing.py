@@ -11,6 +11,11 @@ float32 tensor [3, S, S] plus `PreprocessMeta` (what was done, so masks can be m
   then min-max to [0, 1] over the whole image; no mean/std.
 - ``sam2``: SAM 2 / 2.1 (``SAM2Transforms``): ``ToTensor`` (to [0, 1]), ``Resize((S, S))`` on the float tensor
   (bilinear, antialias), ImageNet ``Normalize`` mean [0.485, 0.456, 0.406] std [0.229, 0.224, 0.225].
+- ``medsam2``: MedSAM2 (its inference scripts, and the official ``sam2`` video frame loader
+  ``sam2.utils.misc._load_img_as_tensor`` it inherits): PIL ``resize((S, S))`` on the uint8 RGB image (PIL's default
+  filter, bicubic), ``/ 255`` in float64, then ImageNet mean/std in float32. No padding, aspect ratio not kept.
+- ``litemedsam``: LiteMedSAM (``CVPR24_LiteMedSAM_infer.py``): longest side resized to S with OpenCV ``INTER_AREA``
+  (sides rounded half up), min-max to [0, 1] over the resized image, then zero padding right/bottom to S x S.
 
 Grey images are replicated to three channels first, exactly as the official scripts do for grey inputs.
 """
@@ -112,14 +117,48 @@ def preprocess_sam2(image: np.ndarray, size: int) -> tuple[torch.Tensor, Preproc
     return x.contiguous(), PreprocessMeta((h, w), (size, size), size)
 
 
+def preprocess_medsam2(image: np.ndarray, size: int) -> tuple[torch.Tensor, PreprocessMeta]:
+    from PIL import Image
+
+    rgb = as_rgb_uint8(image)
+    h, w = rgb.shape[:2]
+    resized = np.array(Image.fromarray(rgb).resize((size, size), Image.Resampling.BICUBIC))
+    x = torch.from_numpy(resized / 255.0).permute(2, 0, 1).float()
+    x -= torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
+    x /= torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
+    return x.contiguous(), PreprocessMeta((h, w), (size, size), size)
+
+
+def preprocess_litemedsam(image: np.ndarray, size: int) -> tuple[torch.Tensor, PreprocessMeta]:
+    import cv2
+
+    rgb = as_rgb_uint8(image)
+    h, w = rgb.shape[:2]
+    new_h, new_w = longest_side_shape(h, w, size)
+    if min(new_h, new_w) == 0:
+        raise DataError(
+            f"image of shape {h}x{w} is too elongated for input size {size} (a side would be 0 px)"
+        )
+    resized = cv2.resize(rgb, (new_w, new_h), interpolation=cv2.INTER_AREA)
+    lo, hi = resized.min(), resized.max()
+    scaled = (resized - lo) / np.clip(hi - lo, a_min=1e-8, a_max=None)
+    out = torch.zeros(3, size, size, dtype=torch.float32)
+    out[:, :new_h, :new_w] = torch.from_numpy(scaled).float().permute(2, 0, 1)
+    return out, PreprocessMeta((h, w), (new_h, new_w), size)
+
+
 PREPROCESSORS: dict[str, Callable[[np.ndarray, int], tuple[torch.Tensor, PreprocessMeta]]] = {
     "sam": preprocess_sam,
     "medsam": preprocess_medsam,
     "sam2": preprocess_sam2,
+    "medsam2": preprocess_medsam2,
+    "litemedsam": preprocess_litemedsam,
 }
 
 PREPROCESSING_DESCRIPTIONS: dict[str, str] = {
     "sam": "longest side to S (PIL bilinear), (x-mean)/std on 0-255 (SAM pixel mean/std), zero pad right/bottom",
     "medsam": "square resize to S (skimage bicubic, anti-aliased, back to uint8), min-max to [0,1], no mean/std",
     "sam2": "square resize to S (bilinear, antialias) on [0,1], ImageNet mean/std",
+    "medsam2": "square resize to S (PIL bicubic on uint8), /255, ImageNet mean/std",
+    "litemedsam": "longest side to S (OpenCV INTER_AREA), min-max to [0,1], zero pad right/bottom, no mean/std",
 }

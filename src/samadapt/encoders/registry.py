@@ -14,7 +14,7 @@ class EncoderSpec:
     """One encoder: its architecture family and numbers, and the preprocessing its checkpoint was trained with."""
 
     name: str
-    family: str  # "sam" (SAM-1 ViT), "sam2" (Hiera + FPN) or "mobilesam" (TinyViT + SAM neck)
+    family: str  # "sam" (SAM-1 ViT), "sam2" (Hiera + FPN), "mobilesam" / "litemedsam" (TinyViT + SAM neck)
     arch: dict[str, Any]
     preprocessing: str  # key of samadapt.encoders.preprocessing.PREPROCESSORS
     default_image_size: int = 1024
@@ -77,6 +77,10 @@ MOBILESAM_VIT_T = {
     "out_chans": 256,
 }  # fmt: skip
 
+# LiteMedSAM (MedSAM's LiteMedSAM branch, CVPR24_LiteMedSAM_infer.py): the same TinyViT numbers at img_size 256, with
+# a 1x1 stride-1 patch embedding, so a 256 input ends at a 64 x 64 grid.
+LITEMEDSAM_VIT_T = {**MOBILESAM_VIT_T, "patch_embed_stride": 1}
+
 ENCODERS: dict[str, EncoderSpec] = {
     "sam_vit_b": EncoderSpec(
         "sam_vit_b", "sam", SAM_VIT_B, "sam", official_files=("sam_vit_b_01ec64.pth",),
@@ -111,9 +115,23 @@ ENCODERS: dict[str, EncoderSpec] = {
         "sam2_hiera_l", "sam2", SAM2_HIERA_L, "sam2",
         official_files=("sam2_hiera_large.pt", "sam2.1_hiera_large.pt"), description="SAM 2 / 2.1 Hiera-L",
     ),
+    # MedSAM2 (Ma et al. 2025): SAM 2.1 Hiera-T fine-tuned at 512 px. Its config `sam2.1_hiera_t512.yaml` differs
+    # from the official `sam2.1_hiera_t.yaml` only in `image_size` (512) and the memory attention's RoPE grid
+    # (32x32, not part of the image encoder): trunk, neck and windows are Hiera-T's.
+    "medsam2": EncoderSpec(
+        "medsam2", "sam2", SAM2_HIERA_T, "medsam2", default_image_size=512,
+        official_files=("MedSAM2_latest.pt", "MedSAM2_2411.pt", "MedSAM2_CTLesion.pt", "MedSAM2_MRI_LiverLesion.pt",
+                        "MedSAM2_US_Heart.pt"),
+        description="MedSAM2 (SAM 2.1 Hiera-T fine-tuned on medical volumes and videos, 512 px)",
+    ),
     "mobilesam_vit_t": EncoderSpec(
         "mobilesam_vit_t", "mobilesam", MOBILESAM_VIT_T, "sam", official_files=("mobile_sam.pt",),
         description="MobileSAM TinyViT-5M distilled from SAM ViT-H (5M encoder params)",
+    ),
+    "litemedsam_vit_t": EncoderSpec(
+        "litemedsam_vit_t", "litemedsam", LITEMEDSAM_VIT_T, "litemedsam", default_image_size=256,
+        official_files=("lite_medsam.pth",),
+        description="LiteMedSAM TinyViT distilled from MedSAM (256 px input, 64x64 embedding grid)",
     ),
 }  # fmt: skip
 
@@ -127,6 +145,7 @@ TINY_ARCHS: dict[str, dict[str, Any]] = {
     },
     # MobileSAM's stride-1 rule is keyed on a last width of 320, so the tiny trunk keeps it.
     "mobilesam": {**MOBILESAM_VIT_T, "embed_dims": (16, 32, 32, 320), "depths": (1, 1, 1, 1), "num_heads": (1, 1, 1, 5)},
+    "litemedsam": {**LITEMEDSAM_VIT_T, "embed_dims": (16, 32, 32, 320), "depths": (1, 1, 1, 1), "num_heads": (1, 1, 1, 5)},
 }  # fmt: skip
 
 
