@@ -89,9 +89,9 @@ def load_resources(cfg: Any, *, out: Path) -> Resources:
             "class names of %s are numbers (%s): prompts read like %r; pass --class-names for real prompts",
             cfg.data, ", ".join(class_names), class_prompts(cfg.prompt_template, class_names[:1])[0],
         )  # fmt: skip
-    if cfg.clip_checkpoint is None:
-        log.warning("no --clip-checkpoint: CLIP has RANDOM weights (tests only; results are meaningless)")
     clip = load_clip(cfg.clip, cfg.clip_checkpoint, quick_gelu=cfg.quick_gelu, device=cfg.device)
+    if clip.checkpoint is None:  # a model folder (BiomedCLIP) carries its weights without --clip-checkpoint
+        log.warning("no --clip-checkpoint: CLIP has RANDOM weights (tests only; results are meaningless)")
     return Resources(dataset=dataset, clip=clip, masker=None, class_names=class_names, cfg=cfg, out=out)
 
 
