@@ -38,7 +38,10 @@ def setup(tmp_path_factory):
         masker_settings=MaskerSettings(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0),
         class_names=list(CLASS_NAMES),
         data_fraction=0.5,
-        options=FewShotOptions(epochs=2, coop_epochs=2, tip_epochs=2, coop_n_ctx=4, lr=1e-4, progress=False),
+        options=FewShotOptions(
+            epochs=2, coop_epochs=2, coop_schedule="fixed", clip_adapter_epochs=2, tip_epochs=2, coop_n_ctx=4,
+            lr=1e-4, aug_views=2, progress=False,
+        ),
     )
     res = load_resources(cfg, methods=list(METHODS), out=root)
     return cfg, res, root
