@@ -39,8 +39,15 @@ def setup(tmp_path_factory):
         class_names=list(CLASS_NAMES),
         data_fraction=0.5,
         options=FewShotOptions(
-            epochs=2, coop_epochs=2, coop_schedule="fixed", clip_adapter_epochs=2, tip_epochs=2, coop_n_ctx=4,
-            lr=1e-4, aug_views=2, progress=False,
+            epochs=2,
+            coop_epochs=2,
+            coop_schedule="fixed",
+            clip_adapter_epochs=2,
+            tip_epochs=2,
+            coop_n_ctx=4,
+            lr=1e-4,
+            aug_views=2,
+            progress=False,
         ),
     )
     res = load_resources(cfg, methods=list(METHODS), out=root)
