@@ -374,21 +374,48 @@ def test_validation_budget_is_min_k_and_four_per_class():
     np.testing.assert_array_equal(full, val)
 
 
-def test_run_counts_the_reduced_validation_set(tmp_path):
-    from samadapt.tasks.fewshot.run import FewShotConfig, load_resources, run_fewshot
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    from samadapt.tasks.fewshot.run import FewShotConfig, load_resources
     from samadapt.tasks.fewshot.synthetic import CLASS_NAMES, write_toy_npz
 
-    clip_config, clip_ckpt = write_tiny_clip(tmp_path)
+    root = tmp_path_factory.mktemp("toy")
+    clip_config, clip_ckpt = write_tiny_clip(root)
     cfg = FewShotConfig(
-        data=str(write_toy_npz(tmp_path / "toy.npz")), clip=str(clip_config), clip_checkpoint=str(clip_ckpt),
+        data=str(write_toy_npz(root / "toy.npz")), clip=str(clip_config), clip_checkpoint=str(clip_ckpt),
         class_names=list(CLASS_NAMES), method="linear-probe", data_fraction=0.2,
         options=FewShotOptions(progress=False),
     )  # fmt: skip
-    res = load_resources(cfg, methods=["linear-probe"], out=tmp_path)
+    return cfg, load_resources(cfg, methods=["linear-probe"], out=root), root
+
+
+def test_augmented_features_are_computed_once_per_view(toy, monkeypatch):
+    _, res, _ = toy
+    idx = res.dataset.split_indices("train")[:3]
+    first = res.augmented_features(idx, views=2, seed=0)
+    assert first.shape[:2] == (2, 3)
+    decoded = []
+    original = res.dataset.image
+    monkeypatch.setattr(res.dataset, "image", lambda i: decoded.append(i) or original(i))
+    again = res.augmented_features(idx, views=2, seed=0)
+    assert decoded == [] and torch.equal(first, again)  # cached: nothing decoded or encoded again
+    view = augmented_view(
+        original(int(idx[2])), transform=view_transform(res.clip), seed=0, index=int(idx[2]), view=1
+    )
+    with torch.no_grad():
+        direct = res.clip.model.visual(view[None])[0]
+    torch.testing.assert_close(first[1, 2], direct, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(first[0, 2], first[1, 2])
+
+
+def test_run_counts_the_reduced_validation_set(toy):
+    from samadapt.tasks.fewshot.run import run_fewshot
+
+    cfg, res, root = toy
     full_val = len(res.dataset.split_indices("val"))
-    metrics = run_fewshot(cfg, res, tmp_path / "run")
+    metrics = run_fewshot(cfg, res, root / "run")
     assert metrics["n_train"] == 2 and metrics["n_val"] == 2 < full_val  # K = 1: one val image per class
-    rows = (tmp_path / "run" / "predictions.csv").read_text().splitlines()[1:]
+    rows = (root / "run" / "predictions.csv").read_text().splitlines()[1:]
     assert sum(r.split(",")[1] == "val" for r in rows) == 2
     cfg_full = replace(cfg, options=FewShotOptions(progress=False, val_budget="full"))
-    assert run_fewshot(cfg_full, res, tmp_path / "full")["n_val"] == full_val
+    assert run_fewshot(cfg_full, res, root / "full")["n_val"] == full_val

@@ -11,6 +11,7 @@ reuses them cyclically. One view set (scale 0.5-1) serves every method.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -120,7 +121,7 @@ def cosine_with_warmup(
     def factor(epoch: int) -> float:
         if epoch < warmup_epochs:
             return warmup_lr / lr
-        return 0.5 * (1.0 + np.cos(np.pi * (epoch - warmup_epochs) / cosine_epochs))
+        return 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup_epochs) / cosine_epochs))  # a float: resumable
 
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 

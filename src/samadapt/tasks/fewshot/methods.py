@@ -97,9 +97,8 @@ class FewShotOptions:
     patience: int = 5
     monitor: str = "accuracy"
     trainable_blocks: int = -1  # -1: the whole image tower; k: the last k blocks (+ final norm, projection)
-    val_budget: str = (
-        "few-shot"  # "few-shot": min(K, val_shots_max) val images per class; "full": all of them
-    )
+    # "few-shot": at most min(K, val_shots_max) val images per class (K training shots); "full": all of them
+    val_budget: str = "few-shot"
     val_shots_max: int = 4
     aug_views: int = 10  # augmented views per training image (coop, clip-adapter, tip-*); 0: the plain image
     coop_n_ctx: int = 16
@@ -120,9 +119,7 @@ class FewShotOptions:
     attn_mode: str = "falip"  # "falip": +[0, attn_bias_max] foveal bias; "suppress": -attn_strength outside
     attn_bias_max: float = 0.2
     attn_strength: float = 5.0
-    attn_layers: list[int] | None = (
-        None  # None: FALIP's last 4 of 12 blocks (scaled); every block to suppress
-    )
+    attn_layers: list[int] | None = None  # None: FALIP's last 4 of 12 blocks (scaled); all to suppress
     attn_rows: str = "cls"
     attn_select: str = "largest"  # which masks make the region: "largest", "top-iou" or "union"
     attn_top_k: int = 1

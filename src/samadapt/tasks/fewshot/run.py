@@ -104,7 +104,7 @@ class Resources:
         each computed once and reused by every run and epoch of a sweep."""
         from samadapt.tasks.fewshot.augment import augmented_view, encode_images, view_transform
 
-        missing = [(int(i), v) for v in range(views) for i in indices if (seed, int(i), v) not in self._views]
+        missing = [(int(i), v) for i in indices for v in range(views) if (seed, int(i), v) not in self._views]
         if missing:
             transform = view_transform(self.clip)
             for start in range(0, len(missing), 64):
