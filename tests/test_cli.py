@@ -106,6 +106,7 @@ def test_embed_layer_names_for_a_sam_vit_are_a_one_line_error(tmp_path, capsys, 
 
 def test_a_flag_on_the_command_line_beats_the_config_file_even_at_its_default(tmp_path, monkeypatch):
     import samadapt.tasks.classify.cli as classify_cli
+
     from samadapt.tasks.classify.config import config_from_args
 
     seen = {}

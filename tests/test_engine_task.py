@@ -63,7 +63,9 @@ class ToyTask(Task):
         x, y = prepared["test"]
         pred = self._predict(fitted.weights["centres"], x)
         rows = [{"id": i, "true": int(t), "predicted": int(p)} for i, (t, p) in enumerate(zip(y, pred))]
-        return Evaluation(metrics={"val": {}, "test": {"accuracy": float((pred == y).mean())}}, predictions=rows)
+        return Evaluation(
+            metrics={"val": {}, "test": {"accuracy": float((pred == y).mean())}}, predictions=rows
+        )
 
     def add_predict_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--points", required=True, help="CSV of x,y rows")
@@ -152,4 +154,47 @@ def test_layers_defaults_file_then_command_line(toy_task, tmp_path) -> None:
 
 def test_fingerprint_leaves_out_where_a_run_executes() -> None:
     cfg: Any = ToyConfig(out="a", device="cpu", shift=1.0)
-    assert "out" not in cfg.fingerprint() and "device" not in cfg.fingerprint() and cfg.fingerprint()["shift"] == 1.0
+    assert (
+        "out" not in cfg.fingerprint()
+        and "device" not in cfg.fingerprint()
+        and cfg.fingerprint()["shift"] == 1.0
+    )
+
+
+def test_token_sequence_backbones_are_refused_by_name() -> None:
+    from samadapt.errors import ConfigError
+    from samadapt.tasks.classify.backbone import build_backbone
+
+    with pytest.raises(ConfigError, match="token sequences"):
+        build_backbone("vit_tiny_patch16_224", num_classes=2, image_size=64)
+
+
+def test_slca_forward_keeps_no_state_on_the_model() -> None:
+    """Two SLCA forwards with different SAM inputs, one nested inside the other's hook, each see their own."""
+    from samadapt.tasks.classify.backbone import build_backbone, resolve_stages, stage_infos
+    from samadapt.tasks.classify.model import SlcaClassifier
+
+    torch.manual_seed(0)
+    backbone = build_backbone("resnet18", num_classes=2, image_size=32)
+    model = SlcaClassifier(
+        backbone=backbone, stages=resolve_stages("all", stage_infos(backbone)), sam_channels=8
+    )
+    model.eval()
+    x, s1, s2 = torch.randn(1, 3, 32, 32), torch.randn(1, 8, 4, 4), torch.randn(1, 8, 4, 4)
+    with torch.no_grad():
+        alone1, alone2 = model(x, s1), model(x, s2)
+        inner: list[torch.Tensor] = []
+
+        def nested(*_: Any) -> None:
+            if not inner:
+                inner.append(
+                    torch.empty(0)
+                )  # mark before the nested call: its own layer2 hook must not recurse
+                inner[0] = model(x, s2)
+
+        handle = backbone.layer2.register_forward_hook(nested)
+        outer = model(x, s1)
+        handle.remove()
+    torch.testing.assert_close(outer, alone1)
+    torch.testing.assert_close(inner[0], alone2)
+    assert not hasattr(model, "_attention")

@@ -187,8 +187,11 @@ class _Killed(Exception):
 
 
 def test_train_resume_continues_and_refuses_other_settings(files, tmp_path, capsys, monkeypatch, caplog):
+    import samadapt.tasks.fewshot.methods as methods_module
     import samadapt.tasks.fewshot.run as run_module
 
+    # --coop-epochs as given (until the CLI exposes --coop-schedule fixed; by default CoOp's table by shots)
+    monkeypatch.setattr(methods_module, "coop_epochs", lambda shots, options: options.coop_epochs)
     run, clean = tmp_path / "run", tmp_path / "clean"
     argv = ["--method", "coop", "--coop-epochs", "4", "--coop-n-ctx", "2", "--batch-size", "8"]
     assert main(_train_argv(files, clean, *argv)) == 0

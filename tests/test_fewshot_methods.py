@@ -16,8 +16,8 @@ from samadapt.engine.lifecycle import execute_run
 from samadapt.tasks.fewshot.config import FewShotConfig
 from samadapt.tasks.fewshot.heads import load_learned_state
 from samadapt.tasks.fewshot.methods import METHODS, build_model, evaluate_probs
-from samadapt.tasks.fewshot.task import FewShotTask
 from samadapt.tasks.fewshot.synthetic import CLASS_NAMES, write_toy_npz
+from samadapt.tasks.fewshot.task import FewShotTask
 from samadapt.training.weights import load_weights
 
 
@@ -37,10 +37,21 @@ def setup(tmp_path_factory):
         masker_checkpoint=str(write_tiny_sam2(root / "tiny_sam2.pt")),
         masker_arch="tiny",
         masker_image_size=128,
-        points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0,
+        points_per_side=4,
+        pred_iou_thresh=0.0,
+        stability_score_thresh=0.0,
         class_names=list(CLASS_NAMES),
         data_fraction=0.5,
-        epochs=2, coop_epochs=2, tip_epochs=2, coop_n_ctx=4, lr=1e-4, progress=False, out=str(root),
+        epochs=2,
+        coop_epochs=2,
+        coop_schedule="fixed",
+        clip_adapter_epochs=2,
+        tip_epochs=2,
+        coop_n_ctx=4,
+        lr=1e-4,
+        aug_views=2,
+        progress=False,
+        out=str(root),
     )
     res = FewShotTask().prepare(cfg, progress=False)
     return cfg, res, root

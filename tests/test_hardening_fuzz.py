@@ -231,6 +231,7 @@ _config_keys = st.sampled_from(
 def _classify_args(config: Path) -> argparse.Namespace:
     """What `samadapt train --task classify --config FILE` does with the file before any work starts."""
     from samadapt.tasks.classify.cli import _merge, add_train_arguments
+
     from samadapt.tasks.classify.config import config_from_args
 
     parser = argparse.ArgumentParser()

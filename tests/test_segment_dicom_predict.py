@@ -29,7 +29,10 @@ def test_dicom_series_in_nifti_and_dicom_seg_out_agree(unet_run) -> None:
     series = root / "series"
     paths = write_series(series, random_stored((3, 28, 32), seed=1))
     nifti, seg = root / "pred.nii.gz", root / "pred.dcm"
-    assert main(["predict", "--run", str(run), "--input", str(series), "--out", str(nifti), "--no-progress"]) == 0
+    assert (
+        main(["predict", "--run", str(run), "--input", str(series), "--out", str(nifti), "--no-progress"])
+        == 0
+    )
     assert main(["predict", "--run", str(run), "--input", str(series), "--out", str(seg), "--output-format",
                  "dicom-seg", "--no-progress"]) == 0  # fmt: skip
     from_nifti = np.asarray(nib.load(str(nifti)).dataobj)

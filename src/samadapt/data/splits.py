@@ -134,3 +134,27 @@ def label_fraction_indices(
         members = members[rng.permutation(len(members))]
         chosen.append(members[: max(1, round(fraction * len(members)))])
     return np.sort(np.concatenate(chosen))
+
+
+def few_shot_val_indices(
+    val_indices: np.ndarray, labels: np.ndarray, *, per_class: int, seed: int
+) -> np.ndarray:
+    """A seeded, stratified subset of ``val_indices`` with at most ``per_class`` examples of each class.
+
+    The few-shot protocol (CoOp, Tip-Adapter) picks hyper-parameters on a validation set as small as the
+    training set: ``per_class = min(K, 4)`` for K training shots per class. ``labels`` is the whole dataset's
+    (N,) class array. Classes with fewer examples keep all of theirs; the same arguments give the same subset.
+    Returns sorted dataset indices.
+    """
+    val_indices = np.asarray(val_indices, dtype=np.int64)
+    if per_class < 1:
+        raise ValueError(f"per_class must be at least 1, got {per_class}")
+    if len(val_indices) == 0:
+        return val_indices
+    rng = np.random.default_rng(seed)
+    val_labels = np.asarray(labels)[val_indices]
+    chosen = []
+    for cls in np.unique(val_labels):
+        members = val_indices[val_labels == cls]
+        chosen.append(members[rng.permutation(len(members))[:per_class]])
+    return np.sort(np.concatenate(chosen))

@@ -52,6 +52,11 @@ def build_backbone(
         raise ConfigError(
             f"backbone {name!r}: timm lists no feature_info stages for it; SLCA cannot reach it"
         )
+    if not channels_last_stages(model) and not _spatial_stages(model):
+        raise ConfigError(
+            f"backbone {name!r}: its stages are token sequences (a plain ViT/DeiT), not feature maps; SLCA needs "
+            "a CNN or a hierarchical transformer (resnet*, seresnext*, densenet*, efficientnet*, swinv2_*)"
+        )
     return model
 
 
@@ -133,6 +138,12 @@ def _head_keys(model: nn.Module) -> list[str]:
     classifier = model.default_cfg.get("classifier", "fc") if hasattr(model, "default_cfg") else "fc"
     names = classifier if isinstance(classifier, list | tuple) else [classifier]
     return [k for k in model.state_dict() if any(k.startswith(n + ".") for n in names)]
+
+
+def _spatial_stages(model: nn.Module) -> bool:
+    """True when the stage modules emit [B, C, H, W] maps; a plain ViT's blocks (timm's VisionTransformer family,
+    recognisable by its `cls_token` attribute) emit [B, N, C] token sequences."""
+    return not hasattr(model, "cls_token")
 
 
 def _takes_img_size(name: str) -> bool:

@@ -5,11 +5,17 @@ With no SLCA stages it is the plain backbone (the `baseline` method), so both me
 
 from __future__ import annotations
 
+from contextvars import ContextVar
+
 import torch
 from torch import nn
 
 from samadapt.tasks.classify.backbone import StageInfo, channels_last_stages
 from samadapt.tasks.classify.slca import SLCA
+
+# The attention of the forward in progress, per thread / task: the hooks read it, so the model keeps no per-call
+# state on itself and concurrent or nested forwards cannot see each other's attention.
+_ATTENTION: ContextVar[dict[str, torch.Tensor] | None] = ContextVar("slca_attention", default=None)
 
 
 class SlcaClassifier(nn.Module):
@@ -45,7 +51,6 @@ class SlcaClassifier(nn.Module):
                 for s in stages
             }
         )
-        self._attention: dict[str, torch.Tensor] | None = None
         for key, name in self.stage_modules.items():
             backbone.get_submodule(name).register_forward_hook(self._hook(key))
 
@@ -55,9 +60,10 @@ class SlcaClassifier(nn.Module):
 
     def _hook(self, key: str):
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
-            if self._attention is None:
+            attention = _ATTENTION.get()
+            if attention is None or key not in attention:
                 return None
-            return self.slca[key].apply(output, self._attention[key], channels_last=self.channels_last)
+            return self.slca[key].attend(output, attention[key], channels_last=self.channels_last)
 
         return hook
 
@@ -75,8 +81,8 @@ class SlcaClassifier(nn.Module):
             return self.backbone(images)
         if sam is None:
             raise ValueError("this model has SLCA stages: pass the window-pooled SAM features")
-        self._attention = self.attention(sam)
+        token = _ATTENTION.set(self.attention(sam))
         try:
             return self.backbone(images)
         finally:
-            self._attention = None
+            _ATTENTION.reset(token)

@@ -72,7 +72,9 @@ class SLCA(nn.Module):
         """[B, C_sam(x2), gh, gw] window statistics -> [B, C_stage, gh, gw] weights in (0, 1)."""
         return torch.sigmoid(self.bottleneck(pooled))
 
-    def apply(self, x: torch.Tensor, attention: torch.Tensor, *, channels_last: bool = False) -> torch.Tensor:
+    def attend(
+        self, x: torch.Tensor, attention: torch.Tensor, *, channels_last: bool = False
+    ) -> torch.Tensor:
         """Apply attention to stage features `x` ([B, C, H, W], or [B, H, W, C] when channels_last)."""
         if channels_last:
             x = x.permute(0, 3, 1, 2)
@@ -81,4 +83,4 @@ class SLCA(nn.Module):
         return out.permute(0, 2, 3, 1) if channels_last else out
 
     def forward(self, x: torch.Tensor, pooled: torch.Tensor, *, channels_last: bool = False) -> torch.Tensor:
-        return self.apply(x, self.attention(pooled), channels_last=channels_last)
+        return self.attend(x, self.attention(pooled), channels_last=channels_last)

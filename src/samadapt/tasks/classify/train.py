@@ -46,8 +46,11 @@ def build_model(cfg: ClassifyConfig, *, num_classes: int, sam_channels: int) -> 
 
 
 def backbone_norm(model: SlcaClassifier) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    cfg = getattr(model.backbone, "pretrained_cfg", {}) or {}
-    return tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+    """The backbone's own input normalisation, from timm's data config."""
+    from timm.data import resolve_model_data_config
+
+    cfg = resolve_model_data_config(model.backbone)
+    return tuple(cfg["mean"]), tuple(cfg["std"])
 
 
 def train_indices(cfg: ClassifyConfig, prepared: Prepared) -> np.ndarray:

@@ -2,7 +2,8 @@
 
 - "plain": open_clip's eval preprocessing of the image.
 - "overlay": SAM 2 masks painted on the image at its own resolution (`overlay.render_overlay`), then preprocessed.
-- "attn": the plain image, plus the masks' focus map on CLIP's patch grid (`attn_bias.focus_grid`).
+- "attn": the plain image, plus the chosen masks' coverage of CLIP's patch grid (`attn_bias.patch_focus`; which
+  masks: `attn_bias.MaskChoice`, by default the largest non-background mask).
 Masks come from the masker's cache when present, so every method and fraction of a sweep computes them once.
 """
 
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 from samadapt.encoders.clip import ClipModel
 from samadapt.encoders.masks import SamMasker
 from samadapt.errors import ConfigError
-from samadapt.tasks.fewshot.attn_bias import focus_grid, focus_map
+from samadapt.tasks.fewshot.attn_bias import MaskChoice, patch_focus
 from samadapt.tasks.fewshot.overlay import OverlayStyle, render_overlay
 
 INPUT_KINDS = ("plain", "overlay", "attn")
@@ -48,8 +49,10 @@ def prepare_one(
     style: OverlayStyle | None = None,
     max_area_fraction: float = 0.9,
     transform=None,
+    choice: MaskChoice | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-    """(image tensor, patch focus or None, number of masks) for one uint8 image."""
+    """(image tensor, patch focus or None, number of masks) for one uint8 image. `choice` picks the masks of
+    the "attn" region (default: the largest mask under `max_area_fraction` of the image)."""
     if kind not in INPUT_KINDS:
         raise ConfigError(f"unknown input kind {kind!r}; expected one of {INPUT_KINDS}")
     transform = transform or clip.transform()
@@ -59,18 +62,16 @@ def prepare_one(
         return transform(to_pil_rgb(image)), None, 0
     if masker is None:
         raise ConfigError(f"input kind {kind!r} needs a SAM 2 masker (--masker and --masker-checkpoint)")
-    masks = masker(image).masks
+    found = masker(image)
+    masks = found.masks
     from samadapt.encoders.clip import to_pil_rgb
 
     if kind == "overlay":
         return transform(to_pil_rgb(render_overlay(image, masks, style=style))), None, len(masks)
-    focus = (
-        focus_map(masks, max_area_fraction=max_area_fraction)
-        if len(masks)
-        else np.ones(image.shape[:2], np.float32)
-    )
-    grid = focus_grid(
-        focus,
+    grid = patch_focus(
+        masks,
+        found.scores,
+        choice=choice or MaskChoice(max_area_fraction=max_area_fraction),
         image_size=clip.image_size,
         grid=clip.patch_grid,
         resize_mode=clip.preprocess_cfg.get("resize_mode", "shortest"),
@@ -88,6 +89,7 @@ def prepare_inputs(
     max_area_fraction: float = 0.9,
     desc: str = "inputs",
     progress: bool = True,
+    choice: MaskChoice | None = None,
 ) -> Inputs:
     """Prepare every image; `images` may be a lazy sequence (decoded one at a time)."""
     transform = clip.transform()
@@ -95,7 +97,7 @@ def prepare_inputs(
     for image in tqdm(images, desc=desc, disable=not progress, leave=False):
         x, g, n = prepare_one(
             image, clip=clip, kind=kind, masker=masker, style=style, max_area_fraction=max_area_fraction,
-            transform=transform,
+            transform=transform, choice=choice,
         )  # fmt: skip
         tensors.append(x)
         grids.append(g)

@@ -73,8 +73,8 @@ def predict_images(
         raise DataError(f"no images found in {', '.join(images)}")
     loader = LazyImages(_FileImages(files, read_image), range(len(files)))
     inputs = prepare_inputs(loader, clip=clip, kind=spec.input, masker=masker, style=options.overlay,
-                            max_area_fraction=options.max_area_fraction, desc="predict",
-                            progress=progress)  # fmt: skip
+                            max_area_fraction=options.max_area_fraction, desc="predict", progress=progress,
+                            choice=options.mask_choice())  # fmt: skip
     probs = evaluate_probs(model, inputs)
     out.mkdir(parents=True, exist_ok=True)
     if spec.input == "overlay":

@@ -34,8 +34,9 @@ class Resources:
         self.class_names = class_names
         self.cfg = cfg
         self.out = out
-        self._cache: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor | None, int]] = {}
+        self._cache: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor | None, int]] = {}
         self._transform = clip.transform()
+        self._views: dict[tuple[int, int, int], torch.Tensor] = {}
 
     @property
     def masker(self) -> SamMasker | None:
@@ -46,12 +47,14 @@ class Resources:
 
     def inputs(self, kind: str, indices: np.ndarray, options: FewShotOptions) -> Inputs:
         items = []
+        choice = options.mask_choice()
         for i in indices:
-            key = (kind, int(i))
+            key = (kind, int(i), choice if kind == "attn" else None)
             if key not in self._cache:
                 self._cache[key] = prepare_one(
                     self.dataset.image(int(i)), clip=self.clip, kind=kind, masker=self.masker,
                     style=options.overlay, max_area_fraction=options.max_area_fraction, transform=self._transform,
+                    choice=choice,
                 )  # fmt: skip
             items.append(self._cache[key])
         size = self.clip.image_size
@@ -59,6 +62,32 @@ class Resources:
             images=torch.stack([x for x, _, _ in items]) if items else torch.zeros(0, 3, size, size),
             grids=torch.stack([g for _, g, _ in items]) if (kind == "attn" and items) else None,
             mask_counts=np.asarray([n for _, _, n in items], np.int64),
+        )
+
+    def augmented_features(self, indices: np.ndarray, *, views: int, seed: int) -> torch.Tensor:
+        """[views, N, D] raw frozen-CLIP features of augmented views of the images `indices` (`augment.py`:
+        RandomResizedCrop(scale 0.5-1) + flip + CLIP's normalisation, deterministic per (seed, index, view)),
+        each computed once and reused by every run and epoch of a sweep."""
+        from samadapt.tasks.fewshot.augment import augmented_view, encode_images, view_transform
+
+        missing = [(int(i), v) for i in indices for v in range(views) if (seed, int(i), v) not in self._views]
+        if missing:
+            transform = view_transform(self.clip)
+            for start in range(0, len(missing), 64):
+                chunk = missing[start : start + 64]
+                images = {i: self.dataset.image(i) for i in {i for i, _ in chunk}}
+                batch = torch.stack(
+                    [
+                        augmented_view(images[i], transform=transform, seed=seed, index=i, view=v)
+                        for i, v in chunk
+                    ]
+                )
+                for (i, v), feature in zip(chunk, encode_images(self.clip.model.visual, batch), strict=True):
+                    self._views[(seed, i, v)] = feature.cpu()
+        if views == 0 or len(indices) == 0:
+            return torch.zeros(views, len(indices), 0)
+        return torch.stack(
+            [torch.stack([self._views[(seed, int(i), v)] for i in indices]) for v in range(views)]
         )
 
 

@@ -41,13 +41,17 @@ class FewShotTask(Task):
         return load_resources(cfg, out=Path(cfg.out or "."))
 
     def _indices(self, cfg: FewShotConfig, res: Resources) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Training images of the budget; the validation images any selection may use (by default at most
+        min(K, 4) per class, the few-shot protocol of CoOp and Tip-Adapter); the whole test split."""
         from samadapt.data.splits import label_fraction_indices
+        from samadapt.tasks.fewshot.methods import validation_indices
 
         ds = res.dataset
         idx_train = label_fraction_indices(ds.split_indices("train"), ds.labels, cfg.data_fraction, cfg.seed)
         idx_val, idx_test = ds.split_indices("val"), ds.split_indices("test")
         if len(idx_test) == 0:
             raise DataError(f"{cfg.data}: the test split is empty")
+        idx_val = validation_indices(idx_val, ds.labels, ds.labels[idx_train], cfg.options, seed=cfg.seed)
         return idx_train, idx_val, idx_test
 
     def fit(self, cfg: FewShotConfig, res: Resources, run: RunContext) -> Fitted:  # type: ignore[override]
