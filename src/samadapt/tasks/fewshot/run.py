@@ -52,7 +52,8 @@ class Resources:
             key = (kind, int(i), choice if kind == "attn" else None)
             if key not in self._cache:
                 self._cache[key] = prepare_one(
-                    self.dataset.image(int(i)), clip=self.clip, kind=kind, masker=self.masker,
+                    self.dataset.image(int(i)), clip=self.clip, kind=kind,
+                    masker=self.masker if kind != "plain" else None,
                     style=options.overlay, max_area_fraction=options.max_area_fraction, transform=self._transform,
                     choice=choice,
                 )  # fmt: skip
