@@ -10,6 +10,7 @@ import torch
 
 from samadapt.encoders.checkpoint import check_finite
 from samadapt.errors import CheckpointError, ConfigError, DataError
+from samadapt.evaluation.linear_probe import probe_probabilities
 from samadapt.reports import save_overlay, write_predictions_csv
 from samadapt.tasks.classify.config import ClassifyConfig
 from samadapt.tasks.classify.features import (
@@ -19,7 +20,6 @@ from samadapt.tasks.classify.features import (
     pooled_sam_features,
     resize_for_backbone,
 )
-from samadapt.tasks.classify.linear_probe import probe_probabilities
 from samadapt.tasks.classify.train import backbone_norm, build_model
 from samadapt.training import load_weights
 from samadapt.training.weights import load_weights_into
@@ -38,7 +38,7 @@ def check_probe_weights(
             f"{path}: not linear-probe weights (missing {', '.join(missing)}; found {', '.join(sorted(weights))})"
         )
     shapes = {k: tuple(weights[k].shape) for k in ("mean", "scale", "coef", "intercept")}
-    outputs = (1, num_classes) if num_classes == 2 else (num_classes,)
+    outputs = (num_classes,)
     fits = (
         shapes["mean"] == shapes["scale"] == (num_features,)
         and len(shapes["coef"]) == 2

@@ -14,10 +14,10 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from samadapt.data import label_fraction_indices
 from samadapt.evaluation.classification import classification_metrics
+from samadapt.evaluation.linear_probe import fit_linear_probe, probe_probabilities
 from samadapt.tasks.classify.backbone import build_backbone, resolve_stages, stage_infos
 from samadapt.tasks.classify.config import ClassifyConfig
 from samadapt.tasks.classify.features import flip_pair, normalise, photometric
-from samadapt.tasks.classify.linear_probe import fit_linear_probe, probe_probabilities
 from samadapt.tasks.classify.model import SlcaClassifier
 from samadapt.tasks.classify.prepare import Prepared
 from samadapt.training import DistContext, EarlyStopping, collect_outputs, fit, seed_everything, wrap_model

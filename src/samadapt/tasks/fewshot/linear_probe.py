@@ -1,21 +1,14 @@
-"""Linear probe: scikit-learn logistic regression on frozen, normalised CLIP features (CLIP paper's protocol).
-
-The inverse regularisation C is chosen on the validation set over a log grid (ties keep the stronger
-regularisation); the fitted weights become a `LinearHead`, so prediction runs through the same model as the rest.
-"""
+"""Linear probe on frozen, normalised CLIP features (the CLIP paper's protocol), through the shared probe
+(`samadapt.evaluation.linear_probe`); the fitted probe becomes a `LinearHead`, so prediction runs through the same
+model as every other few-shot method."""
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
-import torch
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
 
+from samadapt.evaluation.linear_probe import C_GRID, as_linear_layer
+from samadapt.evaluation.linear_probe import fit_linear_probe as fit_probe
 from samadapt.tasks.fewshot.heads import LinearHead
-
-C_GRID = tuple(10.0**k for k in range(-2, 5))
 
 
 def fit_linear_probe(
@@ -27,27 +20,11 @@ def fit_linear_probe(
     num_classes: int,
     seed: int,
     c_grid: tuple[float, ...] = C_GRID,
+    monitor: str = "accuracy",
 ) -> tuple[LinearHead, dict[str, float]]:
-    """Returns the head and {"C": chosen, "val_accuracy": its accuracy}."""
-    best: tuple[float, float, LogisticRegression | None] = (-1.0, 0.0, None)
-    for c in c_grid:
-        clf = LogisticRegression(C=c, max_iter=2000, random_state=seed)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            clf.fit(train_x, train_y)
-        acc = float((clf.predict(val_x) == val_y).mean()) if len(val_y) else 0.0
-        if acc > best[0] + 1e-12:
-            best = (acc, c, clf)
-    acc, c, clf = best
-    assert clf is not None
-    weight = np.zeros((num_classes, train_x.shape[1]), np.float32)
-    bias = np.zeros(num_classes, np.float32)
-    if len(clf.classes_) == 2 and clf.coef_.shape[0] == 1:
-        # binary: softmax([0, z]) = sigmoid(z), the probability scikit-learn gives the second class
-        weight[clf.classes_[1]], bias[clf.classes_[1]] = clf.coef_[0], clf.intercept_[0]
-    else:
-        weight[clf.classes_], bias[clf.classes_] = clf.coef_, clf.intercept_
-    # classes absent from the training subset can never win
-    bias[np.setdiff1d(np.arange(num_classes), clf.classes_)] = -1e4
-    head = LinearHead(torch.from_numpy(weight), torch.from_numpy(bias))
-    return head, {"C": c, "val_accuracy": acc}
+    """Returns the head and {"C": chosen, "val_<metric>": its validation score}."""
+    weights, history, c = fit_probe(x_train=train_x, y_train=train_y, x_val=val_x, y_val=val_y,
+                                    num_classes=num_classes, monitor=monitor, seed=seed, c_grid=c_grid)  # fmt: skip
+    chosen = next((h for h in history if h["C"] == c), {})
+    weight, bias = as_linear_layer(weights)
+    return LinearHead(weight, bias), {"C": c, f"val_{monitor}": chosen.get(f"val_{monitor}", float("nan"))}

@@ -342,6 +342,7 @@ def fit_method(
             val_y,
             num_classes=len(class_names),
             seed=seed,
+            monitor=options.monitor,
         )
         model.head = head.to(train_f.device)
         info.update(chosen)
