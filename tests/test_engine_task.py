@@ -198,3 +198,14 @@ def test_slca_forward_keeps_no_state_on_the_model() -> None:
     torch.testing.assert_close(outer, alone1)
     torch.testing.assert_close(inner[0], alone2)
     assert not hasattr(model, "_attention")
+
+
+def test_files_that_are_not_images_are_named_not_dropped(tmp_path) -> None:
+    from PIL import Image
+
+    from samadapt.data.folders import list_images
+
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.warns(UserWarning, match=r"skipped 1 file\(s\) that are not images: notes.txt"):
+        assert list_images(tmp_path) == [tmp_path / "a.png"]

@@ -35,17 +35,31 @@ def _subdirs(folder: Path) -> list[Path]:
 
 
 def list_images(folder: Path, *, recursive: bool = True) -> list[Path]:
-    """Image files in ``folder`` (by suffix, or DICOM magic bytes), sorted by their path relative to it."""
+    """Image files in ``folder`` (by suffix, or DICOM magic bytes), sorted by their path relative to it.
+
+    Other files are skipped with one warning that names them (never dropped silently)."""
+    skipped: list[Path] = []
+    found = _scan(folder, recursive=recursive, skipped=skipped)
+    if skipped:
+        names = ", ".join(p.relative_to(folder).as_posix() for p in skipped[:5])
+        more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        warnings.warn(f"{folder}: skipped {len(skipped)} file(s) that are not images: {names}{more}", stacklevel=2)
+    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def _scan(folder: Path, *, recursive: bool, skipped: list[Path]) -> list[Path]:
     found: list[Path] = []
     for entry in sorted(folder.iterdir()):
         if not _visible(entry):
             continue
         if entry.is_dir():
             if recursive:
-                found.extend(list_images(entry, recursive=True))
+                found.extend(_scan(entry, recursive=True, skipped=skipped))
         elif entry.suffix.lower() in IMAGE_SUFFIXES or (entry.name != "DICOMDIR" and has_dicom_magic(entry)):
             found.append(entry)
-    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+        elif entry.name != "DICOMDIR":
+            skipped.append(entry)
+    return found
 
 
 def split_folders(root: Path) -> dict[str, Path]:
