@@ -43,8 +43,27 @@ def list_images(folder: Path, *, recursive: bool = True) -> list[Path]:
     if skipped:
         names = ", ".join(p.relative_to(folder).as_posix() for p in skipped[:5])
         more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
-        warnings.warn(f"{folder}: skipped {len(skipped)} file(s) that are not images: {names}{more}", stacklevel=2)
+        warnings.warn(
+            f"{folder}: skipped {len(skipped)} file(s) that are not images: {names}{more}", stacklevel=2
+        )
     return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def collect_images(items: Sequence[str | Path]) -> list[Path]:
+    """Image files named on a command line: files as given, folders expanded by `list_images`; a missing path or
+    nothing found is a DataError naming it."""
+    files: list[Path] = []
+    for item in items:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            files.extend(list_images(path))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DataError(f"{path}: no such image file or folder")
+    if not files:
+        raise DataError(f"no images found in {', '.join(str(i) for i in items)}")
+    return files
 
 
 def _scan(folder: Path, *, recursive: bool, skipped: list[Path]) -> list[Path]:

@@ -265,6 +265,22 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def bounded(*names: str, low: float | None = None, high: float | None = None, strict: bool = False) -> Any:
+    """A range check for config fields (`_positive = bounded("epochs", "batch_size", low=1)` in a class body):
+    values below `low` (or equal to it with `strict`) or above `high` are refused with the bound in the message."""
+
+    def check(cls: type, value: Any) -> Any:
+        if value is None:
+            return value
+        if low is not None and (value <= low if strict else value < low):
+            raise ValueError(f"must be {'>' if strict else '>='} {low:g}")
+        if high is not None and value > high:
+            raise ValueError(f"must be <= {high:g}")
+        return value
+
+    return field_validator(*names)(classmethod(check))
+
+
 Precision = Literal["fp32", "bf16"]
 
 
@@ -285,12 +301,7 @@ class EncoderRunConfig(RunConfig):
     )
     embed_batch_size: int = setting(4, "images per encoder call", run_only=True)
 
-    @field_validator("encoder_image_size", "embed_batch_size")
-    @classmethod
-    def _positive(cls, value: int | None) -> int | None:
-        if value is not None and value < 1:
-            raise ValueError("must be >= 1")
-        return value
+    _positive = bounded("encoder_image_size", "embed_batch_size", low=1)
 
     def store_dir(self) -> Path:
         """The embedding store: --store, else $SAMADAPT_STORE, else OUT/embeddings."""

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import field_validator
-
-from samadapt.engine.config import EncoderRunConfig, setting
+from samadapt.engine.config import EncoderRunConfig, bounded, setting
 
 METHODS = ("slca", "baseline", "linear-probe")
 AUGMENTS = ("flip", "photometric", "none")
@@ -54,41 +52,13 @@ class ClassifyConfig(EncoderRunConfig):
     val_fraction: float = setting(0.15, "validation share carved from train when the data has no val split")
     test_fraction: float = setting(0.15, "test share carved from train when the data has no test split")
 
-    @field_validator(
-        "epochs",
-        "batch_size",
-        "patience",
-        "slca_window",
-        "slca_reduction",
-        "backbone_image_size",
-        "embed_batch_size",
-    )
-    @classmethod
-    def _at_least_one(cls, value: int) -> int:
-        if value < 1:
-            raise ValueError("must be >= 1")
-        return value
-
-    @field_validator("label_fraction")
-    @classmethod
-    def _fraction(cls, value: float) -> float:
-        if not 0 < value <= 1:
-            raise ValueError("must be in (0, 1]")
-        return value
-
-    @field_validator("lr")
-    @classmethod
-    def _lr(cls, value: float) -> float:
-        if value <= 0:
-            raise ValueError("must be > 0")
-        return value
-
-    @field_validator("weight_decay", "val_fraction", "test_fraction")
-    @classmethod
-    def _non_negative(cls, value: float) -> float:
-        if value < 0:
-            raise ValueError("must be >= 0")
-        return value
+    _at_least_one = bounded(
+        "epochs", "batch_size", "patience", "slca_window", "slca_reduction", "backbone_image_size", "embed_batch_size",
+        low=1,
+    )  # fmt: skip
+    _fraction = bounded("label_fraction", low=0, high=1, strict=True)
+    _lr = bounded("lr", low=0, strict=True)
+    _non_negative = bounded("weight_decay", "val_fraction", "test_fraction", low=0)
 
 
 # Named settings (`--preset`). The SLCA paper publishes no protocol (see docs): "reference" is the setting the

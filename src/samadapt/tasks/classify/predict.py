@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from samadapt.data.folders import collect_images
 from samadapt.encoders.checkpoint import check_finite
-from samadapt.errors import CheckpointError, ConfigError, DataError
+from samadapt.errors import CheckpointError, ConfigError
 from samadapt.evaluation.linear_probe import probe_probabilities
 from samadapt.reports import save_overlay, write_predictions_csv
 from samadapt.tasks.classify.config import ClassifyConfig
@@ -54,23 +55,6 @@ def check_probe_weights(
         )
 
 
-def list_image_files(items: list[str]) -> list[Path]:
-    from samadapt.data.folders import list_images
-
-    files: list[Path] = []
-    for item in items:
-        path = Path(item)
-        if path.is_dir():
-            files.extend(list_images(path))
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise DataError(f"{path}: no such image file or folder")
-    if not files:
-        raise DataError(f"no images found in {', '.join(items)}")
-    return files
-
-
 def predict_images(
     *,
     cfg: ClassifyConfig,
@@ -90,7 +74,7 @@ def predict_images(
     if len(class_names) < 2:
         raise ConfigError(f"{run / 'config.yaml'}: recorded.class_names must list at least 2 classes")
     fields = recorded.get("encoder_fields")
-    files = list_image_files(images)
+    files = collect_images(images)
     arrays = [read_image(f) for f in files]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

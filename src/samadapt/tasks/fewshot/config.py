@@ -13,7 +13,7 @@ from typing import Any, Literal, get_type_hints
 from pydantic import create_model, field_validator
 
 from samadapt.encoders.masks import MaskerSettings
-from samadapt.engine.config import RunConfig, setting
+from samadapt.engine.config import RunConfig, bounded, setting
 from samadapt.tasks.fewshot.methods import METHODS, FewShotOptions
 from samadapt.tasks.fewshot.overlay import OverlayStyle
 
@@ -90,19 +90,8 @@ class _Base(RunConfig):
             return table[value.strip().lower()]
         return value
 
-    @field_validator("data_fraction")
-    @classmethod
-    def _fraction(cls, value: float) -> float:
-        if not 0 < value <= 1:
-            raise ValueError("must be in (0, 1]")
-        return value
-
-    @field_validator("masker_image_size")
-    @classmethod
-    def _size(cls, value: int | None) -> int | None:
-        if value is not None and value < 1:
-            raise ValueError("must be >= 1")
-        return value
+    _fraction = bounded("data_fraction", low=0, high=1, strict=True)
+    _size = bounded("masker_image_size", low=1)
 
     def check(self) -> None:
         self.options  # noqa: B018 (building the dataclasses runs their own checks)
@@ -135,23 +124,11 @@ def _checks(fields: dict[str, Any]) -> dict[str, Any]:
     unit = [k for k in ("overlay_alpha", "max_area_fraction", "pred_iou_thresh", "stability_score_thresh")
             if k in fields]  # fmt: skip
 
-    def bound(low: float | None = None, high: float | None = None, strict: bool = False):
-        def check(cls, value):
-            if value is None:
-                return value
-            if low is not None and (value <= low if strict else value < low):
-                raise ValueError(f"must be {'>' if strict else '>='} {low:g}")
-            if high is not None and value > high:
-                raise ValueError(f"must be <= {high:g}")
-            return value
-
-        return check
-
     validators: dict[str, Any] = {}
-    for names, fn in ((at_least_one, bound(1)), (non_negative, bound(0)), (positive, bound(0, strict=True)),
-                      (unit, bound(0, 1))):  # fmt: skip
+    for names, bounds in ((at_least_one, {"low": 1}), (non_negative, {"low": 0}),
+                          (positive, {"low": 0, "strict": True}), (unit, {"low": 0, "high": 1})):  # fmt: skip
         if names:
-            validators[f"_check_{names[0]}"] = field_validator(*names)(classmethod(fn))
+            validators[f"_check_{names[0]}"] = bounded(*names, **bounds)
     return validators
 
 

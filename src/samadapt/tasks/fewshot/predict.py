@@ -10,7 +10,7 @@ import numpy as np
 
 from samadapt.encoders.clip import load_clip
 from samadapt.encoders.masks import load_masker
-from samadapt.errors import ConfigError, DataError
+from samadapt.errors import ConfigError
 from samadapt.tasks.fewshot.heads import load_learned_state
 from samadapt.tasks.fewshot.inputs import LazyImages, prepare_inputs
 from samadapt.tasks.fewshot.methods import build_model, evaluate_probs, get_method
@@ -32,7 +32,7 @@ def predict_images(
     progress: bool = True,
 ) -> Path:
     """Write OUT/predictions.csv (id, predicted, prob_<class>...) and, for mask methods, OUT/overlays/*.png."""
-    from samadapt.data.folders import list_images
+    from samadapt.data.folders import collect_images
     from samadapt.data.images import read_image
     from samadapt.reports import write_predictions_csv
 
@@ -60,17 +60,7 @@ def predict_images(
     model = build_model(method, clip, class_names, options, state=state)
     load_learned_state(model, state, source=str(run / "model.safetensors"))
 
-    files: list[Path] = []
-    for item in images:
-        p = Path(item).expanduser()
-        if p.is_dir():
-            files.extend(list_images(p))
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise DataError(f"{p}: no such image file or folder")
-    if not files:
-        raise DataError(f"no images found in {', '.join(images)}")
+    files = collect_images(images)
     loader = LazyImages(_FileImages(files, read_image), range(len(files)))
     inputs = prepare_inputs(loader, clip=clip, kind=spec.input, masker=masker, style=options.overlay,
                             max_area_fraction=options.max_area_fraction, desc="predict", progress=progress,

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from samadapt.errors import CheckpointError
-from samadapt.tasks.segment.transformer import MLP, LayerNorm2d, PositionEmbeddingRandom, TwoWayTransformer
+from samadapt.tasks.segment.transformer import MLP, PositionEmbeddingRandom, TwoWayTransformer, sam_upscaling
 
 DECODER_PREFIXES = ("mask_decoder.", "sam_mask_decoder.")  # SAM / MedSAM, SAM 2
 PROMPT_PREFIXES = ("prompt_encoder.", "sam_prompt_encoder.")
@@ -58,13 +58,7 @@ class AutoSamHead(nn.Module):
         # AutoSAM's training script freezes every parameter named "iou": the IoU tokens stay at their random init
         self.iou_token.weight.requires_grad_(learn_iou_token)
         self.mask_tokens = nn.Embedding(num_classes * mask_tokens_per_class, transformer_dim)
-        self.output_upscaling = nn.Sequential(
-            nn.ConvTranspose2d(transformer_dim, transformer_dim // 4, kernel_size=2, stride=2),
-            LayerNorm2d(transformer_dim // 4),
-            nn.GELU(),
-            nn.ConvTranspose2d(transformer_dim // 4, transformer_dim // 8, kernel_size=2, stride=2),
-            nn.GELU(),
-        )
+        self.output_upscaling = sam_upscaling(transformer_dim)
         self.output_hypernetworks_mlps = nn.ModuleList(
             MLP(transformer_dim, transformer_dim, transformer_dim // 8, 3)
             for _ in range(mask_tokens_per_class)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from samadapt.tasks.segment.transformer import LayerNorm2d
+from samadapt.tasks.segment.transformer import sam_upscaling
 
 
 def _conv_relu(cin: int, cout: int, kernel: int) -> list[nn.Module]:
@@ -53,13 +53,7 @@ class CnnHead(nn.Module):
 class LinearHead(nn.Module):
     def __init__(self, *, num_classes: int, embed_dim: int = 256) -> None:
         super().__init__()
-        self.output_upscaling = nn.Sequential(
-            nn.ConvTranspose2d(embed_dim, embed_dim // 4, kernel_size=2, stride=2),
-            LayerNorm2d(embed_dim // 4),
-            nn.GELU(),
-            nn.ConvTranspose2d(embed_dim // 4, embed_dim // 8, kernel_size=2, stride=2),
-            nn.GELU(),
-        )
+        self.output_upscaling = sam_upscaling(embed_dim)
         self.final = nn.Sequential(
             nn.Conv2d(embed_dim // 8, embed_dim // 8, 1),
             nn.ReLU(inplace=True),

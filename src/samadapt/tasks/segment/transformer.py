@@ -171,3 +171,15 @@ class PositionEmbeddingRandom(nn.Module):
         coords = (2 * torch.stack([x, y], dim=-1) - 1) @ gauss
         coords = 2 * math.pi * coords
         return torch.cat([torch.sin(coords), torch.cos(coords)], dim=-1).permute(2, 0, 1)  # [C, h, w]
+
+
+def sam_upscaling(transformer_dim: int) -> nn.Sequential:
+    """SAM's mask-decoder upscaling path (4x): two 2x transposed convs with LayerNorm2d and GELU, to dim / 8
+    channels; its parameter names are the decoder's `output_upscaling.*`, so checkpoint tensors load by name."""
+    return nn.Sequential(
+        nn.ConvTranspose2d(transformer_dim, transformer_dim // 4, kernel_size=2, stride=2),
+        LayerNorm2d(transformer_dim // 4),
+        nn.GELU(),
+        nn.ConvTranspose2d(transformer_dim // 4, transformer_dim // 8, kernel_size=2, stride=2),
+        nn.GELU(),
+    )
