@@ -33,6 +33,8 @@ def _check(path, fn, inputs) -> dict:
     ref_max = float(out.abs().max())
     assert ref_max > 0
     result = check_onnx(path, fn, inputs, atol=TOL * ref_max)
+    # the measured numbers (pytest -s shows them; the README quotes them)
+    print(f"{path.name}: max abs err {result['max_abs_err']:.2e}, {result['err_over_max']:.2e} of the max")
     _assert_close(result)
     return result
 
@@ -229,3 +231,12 @@ def test_bad_dynamic_axis_and_format_are_config_errors(tmp_path):
             input_names=["e"],
             output_names=["l"],
         )
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("name", ["sam_vit_b", "sam2_hiera_t"])
+def test_real_size_encoder_onnx(tmp_path, name):
+    """Real architecture at 1024 (random weights): the exported graph equals the fast torch path."""
+    encoder = load_encoder(name, None, image_size=1024)
+    info = export_encoder_onnx(encoder, tmp_path / f"{name}.onnx", dynamic_batch=False)
+    assert info["check"]["passed"] and info["check"]["err_over_max"] <= TOL, info["check"]
