@@ -60,6 +60,7 @@ def _sam_preprocess_from_json(image: np.ndarray, pre: dict) -> np.ndarray:
 def test_sam_vit_encoder_onnx_and_preprocessing_json(tmp_path, real_images):
     encoder = load_encoder("sam_vit_b", None, arch="tiny", image_size=64)
     info = export_encoder_onnx(encoder, tmp_path / "sam.onnx")
+    print(f"sam.onnx (export check): {info['check']['err_over_max']:.2e} of the max")
     assert info["check"]["passed"] and info["check"]["err_over_max"] <= TOL
     assert info["input"]["shape"] == ["batch", 3, 64, 64] and info["output"]["shape"] == ["batch", 256, 4, 4]
     pre = json.loads((tmp_path / "preprocessing.json").read_text())
@@ -74,6 +75,7 @@ def test_sam_vit_encoder_onnx_and_preprocessing_json(tmp_path, real_images):
     reference = encoder.embed(images)
     result = check_onnx(tmp_path / "sam.onnx", lambda _: reference, (torch.from_numpy(batch),), atol=0.0)
     assert result["outputs"][0]["shape"] == [3, 256, 4, 4]
+    print(f"sam.onnx, real images via preprocessing.json: {result['err_over_max']:.2e} of the max")
     assert result["err_over_max"] <= TOL, result
 
 
@@ -239,4 +241,5 @@ def test_real_size_encoder_onnx(tmp_path, name):
     """Real architecture at 1024 (random weights): the exported graph equals the fast torch path."""
     encoder = load_encoder(name, None, image_size=1024)
     info = export_encoder_onnx(encoder, tmp_path / f"{name}.onnx", dynamic_batch=False)
+    print(f"{name} at 1024: {info['check']}")
     assert info["check"]["passed"] and info["check"]["err_over_max"] <= TOL, info["check"]
