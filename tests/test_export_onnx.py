@@ -171,24 +171,34 @@ def _run_onnx(path, *inputs: torch.Tensor) -> np.ndarray:
     return session.run(None, {n: t.numpy() for n, t in zip(names, inputs)})[0]
 
 
-def test_clip_classifier_onnx(tmp_path):
+@pytest.mark.parametrize("focus", [False, True], ids=["plain", "medfocus-attn"])
+def test_clip_classifier_onnx(tmp_path, focus):
     from samadapt.encoders.clip import load_clip, write_tiny_clip
+    from samadapt.tasks.fewshot.attn_bias import FocusAttention
     from samadapt.tasks.fewshot.heads import ClipClassifier, PromptHead
 
     config, checkpoint = write_tiny_clip(tmp_path / "clip")
     clip = load_clip(str(config), checkpoint)
     head = PromptHead(clip.encode_text(["a photo of a benign lesion", "a photo of a melanoma"]), scale=100.0)
-    model = ClipClassifier(clip.model.visual, head).eval()
+    hooks = FocusAttention(clip.model.visual, strength=5.0) if focus else None
+    model = ClipClassifier(clip.model.visual, head, focus=hooks).eval()
+    patches = (64 // 16) ** 2
+    example = (torch.zeros(2, 3, 64, 64), torch.ones(2, patches)) if focus else (torch.zeros(2, 3, 64, 64),)
+    names = ["images", "focus_grids"][: len(example)]
     path = export_module_onnx(
         model,
-        (torch.zeros(2, 3, 64, 64),),
+        example,
         tmp_path / "clip.onnx",
-        input_names=["images"],
+        input_names=names,
         output_names=["logits"],
-        dynamic_axes={"images": {0: "batch"}},
+        dynamic_axes={name: {0: "batch"} for name in names},
     )
-    result = _check(path, model, (_fresh(3, 3, 64, 64),))
+    images = _fresh(3, 3, 64, 64)
+    inputs = (images, (_fresh(3, patches, seed=3) > 0).float()) if focus else (images,)
+    result = _check(path, model, inputs)
     assert result["outputs"][0]["shape"] == [3, 2]
+    if focus:  # the attention bias is in the graph: another focus gives other logits
+        assert not np.allclose(_run_onnx(path, *inputs), _run_onnx(path, images, torch.ones(3, patches)))
 
 
 @pytest.mark.parametrize("fmt", ["torchscript", "torch_export"])

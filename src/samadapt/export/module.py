@@ -205,6 +205,10 @@ def _export_context(module: nn.Module):
         ):
             # SAM 2's official position encoding caches tensors on itself while tracing: harmless here.
             warnings.filterwarnings("ignore", message=".*were assigned during export.*")
+            # one named axis on several inputs (images and SAM windows share "batch"): what we asked for
+            warnings.filterwarnings(
+                "ignore", message=".*shares the same shape constraints with another axis.*"
+            )
             yield
     finally:
         onnx_log.setLevel(level)
