@@ -52,14 +52,16 @@ def export_encoder_onnx(
 ) -> dict[str, Any]:
     """Export ``encoder`` to ``path`` (``.onnx``) and write ``preprocessing.json`` beside it.
 
-    ``dynamic_batch=False`` fixes the batch to 1. ``check`` runs the file in onnxruntime on two new random images
-    (seed ``CHECK_SEED``) against the encoder in torch and puts the numbers under ``"check"``; it raises
-    ``passed``: the error is within ``CHECK_TOLERANCE`` of the output's largest value (a failure also warns).
+    ``dynamic_batch=False`` fixes the batch to 1. ``check`` runs the file in onnxruntime on new random inputs
+    (seed ``CHECK_SEED``; 2 images, 1 with a fixed batch) against the encoder's torch fast path and puts the numbers
+    under ``"check"`` (``max_abs_err``, ``err_over_max``, ...); ``"passed"`` there means the error is within
+    ``CHECK_TOLERANCE`` of the output's largest value (a failure also warns; the caller decides what it means).
+    bf16 encoders are refused (ConfigError): export an fp32 one.
     Returns ``{"onnx", "preprocessing", "input", "output", "opset", "encoder", "check"}`` (paths as strings, shapes
     with ``"batch"`` for the dynamic axis).
     """
     path = Path(path)
-    if encoder.precision != "fp32" or encoder._param_dtype() != torch.float32:
+    if encoder.precision != "fp32" or next(encoder.module.parameters()).dtype != torch.float32:
         raise ConfigError(
             f"export {path}: {encoder.name} is loaded in {encoder.precision}; export needs precision='fp32'"
         )
