@@ -4,7 +4,7 @@
 ``_linear_pointwise`` (the kernel torch.compile's CPU freezing path uses) does all of it in one GEMM on a weight
 packed once. Measured on a 2-core AVX-512 machine (4096 x 768 -> 3072 + GELU): bf16 129 -> 105 ms, fp32
 278 -> 210 ms, with fp32 results equal to ``F.linear`` to float rounding. Anything else (autograd, GPUs, builds or
-CPUs without oneDNN bf16) uses ``F.linear``.
+CPUs without oneDNN bf16, and export mode: ``export_mode.plain_torch_ops``) uses ``F.linear``.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from samadapt.encoders.export_mode import plain_ops_active
 
 _HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 _BF16_OK = _HAS_ONEDNN and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -27,7 +29,7 @@ def linear(x: Tensor, layer: nn.Linear, *, gelu: bool = False) -> Tensor:
 
 
 def _use_onednn(x: Tensor, layer: nn.Linear) -> bool:
-    if not _HAS_ONEDNN or x.device.type != "cpu" or x.dtype != layer.weight.dtype:
+    if not _HAS_ONEDNN or plain_ops_active() or x.device.type != "cpu" or x.dtype != layer.weight.dtype:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or layer.weight.requires_grad):
         return False  # the fused op has no backward

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from samadapt.encoders.export_mode import plain_ops_active
+
 # Bytes of one block of logits (1024 queries x 4096 keys of one head in bf16, 512 in fp32; or ~100 windows of
 # 196 x 196). Every op on a block is one OpenMP fork/join; on a machine whose cores other processes also use, each
 # join waits for a descheduled thread, so fewer, larger blocks win there, while on an idle machine blocks that stay
@@ -63,6 +65,8 @@ def rel_pos_attention(
     q, k, v: [G, N, C] (any strides with unit last stride) with N = kh * kw keys in row-major grid order;
     rel_h [G, N, kh], rel_w [G, N, kw]. Returns [G, N, C] (written into ``out`` when given).
     """
+    if plain_ops_active():
+        return plain_rel_pos_attention(q, k, v, rel_h, rel_w, scale=scale, out=out)
     if q.device.type != "cpu":
         return sdpa_rel_pos_attention(q, k, v, rel_h, rel_w, scale=scale, out=out)
     if out is None:
@@ -147,6 +151,22 @@ def _grid_onehot(kh: int, kw: int, *, dtype: torch.dtype, device: torch.device) 
     eye_h = torch.eye(kh, dtype=dtype, device=device).repeat_interleave(kw, dim=0)
     eye_w = torch.eye(kw, dtype=dtype, device=device).repeat(kh, 1)
     return torch.cat([eye_h, eye_w], dim=1)
+
+
+def plain_rel_pos_attention(
+    q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, *, scale: float, out: Tensor | None = None
+) -> Tensor:
+    """Same as ``rel_pos_attention`` in a few batched plain ops (the whole N x N bias at once, as the official
+    code builds it): what export mode (``export_mode.plain_torch_ops``) uses, since ONNX has no loops of out= ops."""
+    groups, n, _ = q.shape
+    kh, kw = rel_h.shape[-1], rel_w.shape[-1]
+    logits = torch.matmul(q * scale, k.transpose(-2, -1)).view(groups, n, kh, kw)
+    logits = (logits + rel_h[:, :, :, None] + rel_w[:, :, None, :]).view(groups, n, n)
+    result = torch.matmul(torch.softmax(logits, dim=-1), v)
+    if out is None:
+        return result
+    out.copy_(result)
+    return out
 
 
 def sdpa_rel_pos_attention(
