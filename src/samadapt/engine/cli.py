@@ -40,6 +40,29 @@ def _parser(command: str, task: Task) -> argparse.ArgumentParser:
             help="continue interrupted trainings from their last finished epoch",
         )
         add_config_flags(parser, task.Config, sweep=command == "sweep")
+    if command == "sweep":
+        launch = parser.add_argument_group("launching the runs")
+        launch.add_argument(
+            "--launcher",
+            choices=("local", "slurm"),
+            default="local",
+            help="local: on this machine (--jobs N processes); slurm: one array job per run (submitit)",
+        )
+        launch.add_argument(
+            "--jobs", type=int, default=1, help="local: runs at once in a process pool (default 1)"
+        )
+        launch.add_argument(
+            "--slurm-partition", default=None, help="slurm: partition (default: the cluster's)"
+        )
+        launch.add_argument("--slurm-time", type=int, default=60, help="slurm: minutes per run (default 60)")
+        launch.add_argument("--gpus-per-run", type=int, default=0, help="slurm: GPUs per run (default 0)")
+        launch.add_argument("--cpus-per-run", type=int, default=4, help="slurm: CPUs per run (default 4)")
+        launch.add_argument(
+            "--mem-gb", type=float, default=16, help="slurm: memory per run in GB (default 16)"
+        )
+        launch.add_argument("--array-parallelism", type=int, default=16, help="slurm: array tasks at once")
+        launch.add_argument("--slurm-executor", choices=("slurm", "local", "debug"), default="slurm",
+                            help="submitit executor: slurm, or local/debug to try a sweep without a cluster")  # fmt: skip
     return parser
 
 
@@ -194,9 +217,25 @@ def sweep(task: Task, rest: list[str]) -> int:
             f"{args.config or 'sweep'}: say where the sweep goes with --out (or `out:` in the file)"
         )
     with close_bars_on_error():
-        report = run_sweep(task, base, axes, out=base.out, resume=bool(args.resume), skip=task.sweep_skip)
+        report = run_sweep(task, base, axes, out=base.out, resume=bool(args.resume), skip=task.sweep_skip,
+                           launcher=_launcher(args, Path(base.out)))  # fmt: skip
     print(f"sweep report: {report}")
     return 0
+
+
+def _launcher(args: argparse.Namespace, out: Path) -> Any:
+    """None (in this process, as before) unless a pool or a scheduler is asked for."""
+    if args.launcher == "local" and args.jobs == 1:
+        return None
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
+    from samadapt.engine.launchers import make_launcher
+
+    return make_launcher(
+        args.launcher, jobs=args.jobs, folder=out / "slurm", slurm_partition=args.slurm_partition,
+        slurm_time_min=args.slurm_time, gpus_per_run=args.gpus_per_run, cpus_per_run=args.cpus_per_run,
+        mem_gb=args.mem_gb, array_parallelism=args.array_parallelism, executor=args.slurm_executor,
+    )  # fmt: skip
 
 
 def predict(task: Task, rest: list[str]) -> int:

@@ -87,6 +87,17 @@ class RunConfig(BaseModel):
     )
     device: str | None = setting(None, "cpu, cuda or auto (default: cuda when available)", run_only=True)
     progress: bool = setting(True, "progress bars", run_only=True, cli=False)
+    track: Literal["none", "mlflow", "tensorboard"] = setting(
+        "none", "experiment tracking: mlflow (a local store under the output folder unless --track-uri) or "
+        "tensorboard", run_only=True,
+    )  # fmt: skip
+    track_uri: str | None = setting(None, "MLflow tracking URI, or TensorBoard's log folder", run_only=True)
+    experiment: str | None = setting(
+        None, "tracking experiment name (default samadapt-<task>)", run_only=True
+    )
+    track_parent: str | None = setting(
+        None, "MLflow run to nest under (set by sweeps)", run_only=True, cli=False
+    )
 
     @field_validator("*", mode="before")
     @classmethod

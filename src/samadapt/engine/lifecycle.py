@@ -75,9 +75,51 @@ def execute_run(
     )  # bad data fails before any deletion
     if main:
         _start(tmp, resume=resume)
-    fitted = task.fit(cfg, prepared, RunContext(dir=tmp, resume=resume, progress=cfg.progress, dist=dist))
-    if not main:
-        return {}
+    tracker = open_tracker(task, cfg) if main else None
+    try:
+        fitted = task.fit(cfg, prepared, RunContext(dir=tmp, resume=resume, progress=cfg.progress, dist=dist))
+        if not main:
+            return {}
+        metrics = _finish(task, cfg, prepared, fitted, tmp, started=started)
+    except BaseException:
+        if tracker is not None:
+            tracker.close(status="FAILED")
+        raise
+    publish(tmp, final)
+    if tracker is not None:
+        log_run(tracker, final, metrics, fitted.history)
+        tracker.close(status="FINISHED")
+    return metrics
+
+
+def open_tracker(task: Task, cfg: RunConfig) -> Any:
+    """The run's tracker (`--track`); None when tracking is off."""
+    if cfg.track == "none":
+        return None
+    from samadapt.tracking import make_tracker
+
+    tracker = make_tracker(cfg.track, out=Path(cfg.out), uri=cfg.track_uri, run_name=Path(cfg.out).name,
+                           experiment=cfg.experiment or f"samadapt-{task.name}", parent_run_id=cfg.track_parent)  # fmt: skip
+    tracker.log_params({"task": task.name, **cfg.to_dict()})
+    return tracker
+
+
+def log_run(tracker: Any, run_dir: Path, metrics: dict[str, Any], history: list[dict[str, float]]) -> None:
+    """Per-epoch history (step = epoch), the final metrics (`test.*`, `val.*` and the scalars of metrics.json)
+    and the report, plots and run files as artifacts."""
+    for row in history:
+        tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+    final = {
+        f"{split}.{k}": v for split in ("val", "test") for k, v in flatten(metrics.get(split) or {}).items()
+    }
+    final.update({k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)})
+    tracker.log_metrics(final)
+    for path in sorted(run_dir.iterdir()):
+        if path.is_file() and path.suffix in (".html", ".png", ".json", ".yaml", ".csv"):
+            tracker.log_artifact(path)
+
+
+def _finish(task: Task, cfg: RunConfig, prepared: Any, fitted: Fitted, tmp: Path, *, started: float) -> dict:
     evaluation = task.evaluate(cfg, prepared, fitted)
     metrics = {
         **evaluation.metrics,
@@ -89,7 +131,6 @@ def execute_run(
         "protocol": task.protocol(cfg),
     }
     write_run(task, cfg, prepared, fitted, evaluation, tmp, metrics=metrics, started=started)
-    publish(tmp, final)
     return metrics
 
 

@@ -37,13 +37,6 @@ RESULTS_FILE = "results.csv"
 SUMMARY_FILE = "summary.md"
 
 
-class InProcessLauncher:
-    """Today's launcher: every run in this process, one after another (prepared data shared between runs)."""
-
-    def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
-        return [fn(item) for item in items]
-
-
 def run_job(spec: tuple[str, dict[str, Any], bool]) -> dict[str, Any]:
     """Execute one run of a sweep from a picklable spec (task name, config as a dict, resume)."""
     task_name, values, resume = spec
@@ -143,12 +136,72 @@ def run_sweep(
     for cfg in configs:
         if cfg not in todo:
             log.info("sweep: %s already complete, skipped", Path(cfg.out).name)
-    if todo:
-        prepared_for(task, todo[0])  # fill the shared caches (embedding store, masks) once, before any run
-        (launcher or InProcessLauncher()).map(run_job, [(task.name, cfg.to_dict(), resume) for cfg in todo])
-    extra = [k for k in axes if k not in _STANDARD(task)]
-    rows = [result_row(task, cfg, out, extra_axes=extra) for cfg in configs]
-    return write_sweep_outputs(task, base, rows, out=out, extra_axes=extra, notes=notes)
+    parent = _sweep_tracker(task, base, out)
+    failed: list[Any] = []
+    try:
+        if todo:
+            prepared_for(
+                task, todo[0]
+            )  # fill the shared caches (embedding store, masks) once, before any run
+            if parent is not None:
+                todo = [
+                    cfg.replace(track_parent=parent.run_id, track_uri=_child_uri(base, out)) for cfg in todo
+                ]
+            specs = [(task.name, cfg.to_dict(), resume) for cfg in todo]
+            if (
+                launcher is None
+            ):  # in this process, one after another: a run's error stops the sweep, as it says
+                for spec in specs:
+                    run_job(spec)
+            else:
+                failed = [r for r in launcher.map(run_job, specs) if not r.ok]
+        extra = [k for k in axes if k not in _STANDARD(task)]
+        rows = [result_row(task, cfg, out, extra_axes=extra) for cfg in configs if is_finished(Path(cfg.out))]
+        report = write_sweep_outputs(task, base, rows, out=out, extra_axes=extra, notes=notes)
+        if parent is not None:
+            for name in (RESULTS_FILE, SUMMARY_FILE, "report.html", "label_efficiency.png"):
+                if (out / name).is_file():
+                    parent.log_artifact(out / name)
+    except BaseException:
+        if parent is not None:
+            parent.close(status="FAILED")
+        raise
+    if parent is not None:
+        parent.close(status="FAILED" if failed else "FINISHED")
+    if failed:
+        names = "; ".join(f"{Path(todo[r.index].out).name}: {r.error}" for r in failed[:5])
+        raise SweepError(
+            f"{len(failed)} of {len(todo)} runs failed ({names}); the others are in {out / RESULTS_FILE}. "
+            "Run the same command again to redo only the failed and missing runs"
+        )
+    return report
+
+
+class SweepError(ConfigError):
+    """Some runs of a sweep failed (the finished ones are kept and tabled)."""
+
+
+def _child_uri(base: RunConfig, out: Path) -> str | None:
+    """Every run of a sweep logs into the sweep's store (MLflow) or log folder (TensorBoard)."""
+    if base.track_uri:
+        return base.track_uri
+    if base.track == "mlflow":
+        from samadapt.tracking.mlflow_tracker import default_uri
+
+        return default_uri(out)
+    return str(out / "tensorboard")
+
+
+def _sweep_tracker(task: Task, base: RunConfig, out: Path) -> Any:
+    """The sweep's own tracking run (MLflow: the parent of every run's; TensorBoard: none needed)."""
+    if base.track != "mlflow":
+        return None
+    from samadapt.tracking import make_tracker
+
+    tracker = make_tracker("mlflow", out=out, uri=base.track_uri, run_name=out.name,
+                           experiment=base.experiment or f"samadapt-{task.name}")  # fmt: skip
+    tracker.log_params({"task": task.name, "sweep": str(out), **base.to_dict()})
+    return tracker
 
 
 def _STANDARD(task: Task) -> tuple[str, ...]:  # noqa: N802 (reads as a constant)
