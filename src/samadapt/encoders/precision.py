@@ -55,7 +55,7 @@ class Decision:
 
 
 def resolve_precision(requested: str, device: str | torch.device | None = "cpu") -> str:
-    """"fp32" or "bf16" for `requested` in ("auto", "fp32", "bf16") on `device`; see the module docstring."""
+    """ "fp32" or "bf16" for `requested` in ("auto", "fp32", "bf16") on `device`; see the module docstring."""
     return decide_precision(requested, device).precision
 
 
