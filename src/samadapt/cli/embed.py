@@ -102,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
     from samadapt.errors import ConfigError
     from samadapt.store import embed_dataset, open_store
     from samadapt.store.distributed import init_from_env, rank_and_world, shutdown
+    from samadapt.utils.threads import apply_default_threads
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -115,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
     device = init_from_env(device)
     try:
         rank, world = rank_and_world()
+        if str(device).startswith("cpu"):
+            apply_default_threads()  # the CPUs this process may use (affinity, cgroup quota), not the host's
         decision = decide_precision(args.precision, device)
         if rank == 0 and args.precision == "auto":
             print(f"samadapt embed: {decision.describe(args.precision)}", flush=True)

@@ -44,6 +44,7 @@ def collect() -> dict:
     from samadapt import __version__
     from samadapt.encoders.preprocessing import PREPROCESSING_DESCRIPTIONS
     from samadapt.encoders.registry import ENCODERS
+    from samadapt.utils.threads import usable_cpus
 
     cuda = torch.cuda.is_available()
     return {
@@ -53,6 +54,7 @@ def collect() -> dict:
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "usable_cpus": usable_cpus(),
         "bf16": cpu_bf16_support(),
         "precision_auto": _auto_decisions(cuda),
         "cuda": {
@@ -85,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"samadapt {data['samadapt']}  (python {data['python']}, torch {data['torch']})")
     print(f"platform     {data['platform']}")
     print(
-        f"cpu          {data['cpu_count']} cores, torch threads {data['torch_threads']}, {bf16['cpu_capability']}"
+        f"cpu          {data['cpu_count']} cores ({data['usable_cpus']} usable: affinity and cgroup quota), "
+        f"torch threads {data['torch_threads']}, {bf16['cpu_capability']}"
     )
     native = bf16["avx512_bf16"] or bf16["amx_bf16"]
     print(
