@@ -281,7 +281,9 @@ def cpu_description() -> str:
     except OSError:
         pass
     extensions = [name for name in ("amx_bf16", "avx512_bf16", "avx512f") if name in flags]
-    return f"{model} ({', '.join(extensions) or 'no AVX-512'})"
+    if not extensions:
+        extensions = ["no AVX-512"] + [name for name in ("avx2", "fma") if name in flags]
+    return f"{model} ({', '.join(extensions)}; torch CPU capability {torch.backends.cpu.get_cpu_capability()})"
 
 
 def main() -> None:
