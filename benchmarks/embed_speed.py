@@ -172,7 +172,9 @@ def time_all(
     inputs_1024: dict[str, torch.Tensor],
     rounds: int,
     warmup: int,
+    cpu_times: dict[str, list[float]] | None = None,
 ) -> tuple[dict[str, list[float]], dict[str, dict[str, torch.Tensor]]]:
+    """Wall seconds per contender (and, into `cpu_times`, process CPU seconds: less sensitive to other load)."""
     inputs = {1024: inputs_1024}
     for size in {CONTENDERS[n][2] for n in names} - {1024}:
         inputs[size] = samadapt_inputs(size)
@@ -187,12 +189,14 @@ def time_all(
         for name in names:
             x = inputs[CONTENDERS[name][2]][image]
             sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = fns[name](x)
             sync(device)
-            elapsed = time.perf_counter() - t0
+            elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
             if r >= warmup:
                 times[name].append(elapsed)
+                if cpu_times is not None:
+                    cpu_times.setdefault(name, []).append(cpu)
                 outputs[name].setdefault(image, out.cpu())
             print(
                 f"  round {r}{' (warm-up)' if r < warmup else ''} {name:32s} {image:22s} {elapsed:7.2f} s",
@@ -281,7 +285,11 @@ def cpu_description() -> str:
     except OSError:
         pass
     extensions = [name for name in ("amx_bf16", "avx512_bf16", "avx512f") if name in flags]
-    return f"{model} ({', '.join(extensions) or 'no AVX-512'})"
+    if not extensions:
+        extensions = ["no AVX-512"] + [name for name in ("avx2", "fma") if name in flags]
+    return (
+        f"{model} ({', '.join(extensions)}; torch CPU capability {torch.backends.cpu.get_cpu_capability()})"
+    )
 
 
 def main() -> None:
@@ -312,8 +320,15 @@ def main() -> None:
         sam = make_checkpoint(ckpt, seed=args.seed)
         inputs_1024 = official_inputs(sam)
         del sam
+        cpu_times: dict[str, list[float]] = {}
         times, outputs = time_all(
-            names, ckpt, device, inputs_1024=inputs_1024, rounds=rounds, warmup=args.warmup
+            names,
+            ckpt,
+            device,
+            inputs_1024=inputs_1024,
+            rounds=rounds,
+            warmup=args.warmup,
+            cpu_times=cpu_times,
         )
         memory = {}
         if not args.quick:
@@ -321,6 +336,7 @@ def main() -> None:
                 print(f"peak memory: {name}", flush=True)
                 memory[name] = peak_memory(name, ckpt, device, args.threads)
     ref_time = statistics.median(times["official_fp32"])
+    ref_cpu = statistics.median(cpu_times["official_fp32"])
     rows = []
     for name in names:
         impl, precision, size = CONTENDERS[name]
@@ -334,6 +350,9 @@ def main() -> None:
                 "seconds_per_image_median": med,
                 "seconds_all": times[name],
                 "speedup_vs_official_fp32": ref_time / med,
+                # process CPU seconds (all threads): a busy machine inflates them less than wall time
+                "cpu_seconds_median": statistics.median(cpu_times[name]),
+                "cpu_speedup_vs_official_fp32": ref_cpu / statistics.median(cpu_times[name]),
                 "memory": memory.get(name),
                 "error_vs_official_fp32": errors(outputs[name], outputs["official_fp32"]),
             }

@@ -103,9 +103,9 @@ def test_put_and_random_access(tmp_path):
         array = store.array(keys[::-1])
         np.testing.assert_array_equal(np.asarray(array), vectors.numpy()[::-1])
         assert list(store.configs().values())[0]["weights"] == "random-seed-0"
-    # the on-disk format is plain: every shard is a float32 .npy any reader can memory-map
+    # the on-disk format is plain: every shard is a .npy any reader can memory-map (float16 by default)
     shards = list((tmp_path / "store" / "shards").rglob("*.npy"))
-    assert len(shards) == 1 and np.load(shards[0], mmap_mode="r").dtype == np.float32
+    assert len(shards) == 1 and np.load(shards[0], mmap_mode="r").dtype == np.float16
 
 
 def test_same_id_in_two_datasets_needs_source(tmp_path):
@@ -365,7 +365,7 @@ def _filled_store(root: Path, n: int = 6, batch_size: int = 2) -> tuple[TinyData
         ("truncated", "truncated or corrupt"),
         ("zeroed", "not an .npy file"),
         ("other_shape", "manifest expects"),
-        ("other_dtype", "expected a float32 array"),
+        ("other_dtype", "expected a float16 array"),
     ],
 )
 def test_damaged_shard_reads_name_the_file(tmp_path, damage, message):
@@ -379,7 +379,7 @@ def test_damaged_shard_reads_name_the_file(tmp_path, damage, message):
     elif damage == "zeroed":
         shard.write_bytes(b"\0" * shard.stat().st_size)
     elif damage == "other_shape":
-        np.save(shard, np.zeros((2, 3), np.float32))
+        np.save(shard, np.zeros((2, 3), np.load(shard).dtype))  # its own dtype, another shape
     else:
         np.save(shard, np.zeros((2, 8, 3, 3), np.float64))
     with open_store(tmp_path) as store:

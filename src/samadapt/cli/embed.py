@@ -39,7 +39,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--cache", dest="cache", type=Path, action=DeprecatedFlag, canonical="--store",
                         help=argparse.SUPPRESS)  # fmt: skip
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="encoder precision")
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="encoder precision; auto (default): bf16 where this CPU/GPU runs it natively and faster, else fp32 "
+        "(the resolved value is what the store records; SAMADAPT_PRECISION=fp32|bf16 overrides auto)",
+    )
+    parser.add_argument(
+        "--store-dtype",
+        choices=("float16", "bfloat16", "float32"),
+        default="float16",
+        help="dtype of new store entries (default float16: half the bytes of float32; reads are float32)",
+    )
     parser.add_argument(
         "--encoder-image-size", dest="image_size", type=int, default=None,
         help="square encoder input size (default: the encoder's, 1024)",
@@ -97,9 +109,11 @@ def run(args: argparse.Namespace) -> int:
 
     from samadapt.data.readers import read_dataset
     from samadapt.encoders import load_encoder
+    from samadapt.encoders.precision import decide_precision
     from samadapt.errors import ConfigError
     from samadapt.store import embed_dataset, open_store
     from samadapt.store.distributed import init_from_env, rank_and_world, shutdown
+    from samadapt.utils.threads import apply_default_threads
 
     if args.cache is None:
         raise ConfigError("--store DIR is required (the embedding store directory)")
@@ -115,12 +129,17 @@ def run(args: argparse.Namespace) -> int:
     device = init_from_env(device)
     try:
         rank, world = rank_and_world()
+        if str(device).startswith("cpu"):
+            apply_default_threads()  # the CPUs this process may use (affinity, cgroup quota), not the host's
+        decision = decide_precision(args.precision, device)
+        if rank == 0 and args.precision == "auto":
+            print(f"samadapt embed: {decision.describe(args.precision)}", flush=True)
         # before the (slow) encoder build: bad data fails fast
         dataset = read_dataset(args.data, format=args.data_format)
         encoder = load_encoder(
             args.encoder,
             checkpoint=args.checkpoint,
-            precision=args.precision,
+            precision=decision.precision,
             image_size=args.image_size,
             device=device,
             arch=None if args.arch == "default" else args.arch,
@@ -132,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
             layers=layers,
             batch_size=args.batch_size,
             progress=not args.no_progress,
+            store_dtype=args.store_dtype,
         )
         if rank == 0:
             with open_store(args.cache) as store:
@@ -143,12 +163,13 @@ def run(args: argparse.Namespace) -> int:
                 else "nothing to compute"
             )
             print(
-                f"samadapt embed: {len(table)} images with {encoder.name} ({args.precision}, {encoder.image_size}px, "
+                f"samadapt embed: {len(table)} images with {encoder.name} ({encoder.precision}, {encoder.image_size}px, "
                 f"{world} process{'es' if world > 1 else ''} on {device}): computed {table.computed}, "
                 f"reused {table.reused}; {per_image}; total {time.perf_counter() - started:.1f} s"
             )
             print(
-                f"samadapt embed: store {Path(args.cache).resolve()} ({entries} entries); outputs: {shapes}"
+                f"samadapt embed: store {Path(args.cache).resolve()} ({entries} entries); outputs: {shapes}; "
+                f"new entries {args.store_dtype}; {table.bytes_per_image:,.0f} bytes per image on disk"
             )
     finally:
         shutdown()

@@ -28,12 +28,23 @@ def cpu_bf16_support() -> dict[str, bool | str]:
     }
 
 
+def _auto_decisions(cuda: bool) -> dict:
+    """What `--precision auto` resolves to on the CPU (and the GPU), with the reason."""
+    from samadapt.encoders.precision import decision_summary
+
+    out = {"cpu": decision_summary("cpu")}
+    if cuda:
+        out["cuda"] = decision_summary("cuda")
+    return out
+
+
 def collect() -> dict:
     import torch
 
     from samadapt import __version__
     from samadapt.encoders.preprocessing import PREPROCESSING_DESCRIPTIONS
     from samadapt.encoders.registry import ENCODERS
+    from samadapt.utils.threads import usable_cpus
 
     cuda = torch.cuda.is_available()
     return {
@@ -43,7 +54,9 @@ def collect() -> dict:
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "usable_cpus": usable_cpus(),
         "bf16": cpu_bf16_support(),
+        "precision_auto": _auto_decisions(cuda),
         "cuda": {
             "available": cuda,
             "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
@@ -74,14 +87,20 @@ def run(args: argparse.Namespace) -> int:
     print(f"samadapt {data['samadapt']}  (python {data['python']}, torch {data['torch']})")
     print(f"platform     {data['platform']}")
     print(
-        f"cpu          {data['cpu_count']} cores, torch threads {data['torch_threads']}, {bf16['cpu_capability']}"
+        f"cpu          {data['cpu_count']} cores ({data['usable_cpus']} usable: affinity and cgroup quota), "
+        f"torch threads {data['torch_threads']}, {bf16['cpu_capability']}"
     )
     native = bf16["avx512_bf16"] or bf16["amx_bf16"]
     print(
         f"bf16 on cpu  {'native (avx512_bf16/amx)' if native else 'emulated (slow): prefer --precision fp32'}"
     )
+    auto = data["precision_auto"]
+    print(f"precision    cpu: auto -> {auto['cpu']['precision']} ({auto['cpu']['reason']})")
     cuda = data["cuda"]
     print(f"cuda         {', '.join(cuda['devices']) if cuda['available'] else 'not available'}")
+    if "cuda" in auto:
+        print(f"precision    cuda: auto -> {auto['cuda']['precision']} ({auto['cuda']['reason']})")
+    print(f"             (cached in {auto['cpu']['cache']}; SAMADAPT_PRECISION=fp32|bf16 overrides auto)")
     print("encoders:")
     for name, enc in data["encoders"].items():
         files = ", ".join(enc["official_files"])

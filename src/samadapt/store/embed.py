@@ -28,15 +28,15 @@ from samadapt.errors import DataError
 from samadapt.store.distributed import all_gather, broadcast, rank_and_world
 from samadapt.store.keys import (
     canonical_fields,
-    config_digest,
     entry_key,
     fields_of,
     image_digest,
     output_names,
+    readable_configs,
 )
 from samadapt.store.manifest import Entry, Location
 from samadapt.store.shards import Journal, ShardWriter
-from samadapt.store.store import EmbeddingStore, open_store, source_name
+from samadapt.store.store import EmbeddingStore, open_store, source_name, store_dtype_of
 from samadapt.store.table import EmbeddingArray, EmbeddingTable
 
 
@@ -55,12 +55,15 @@ def embed_dataset(
     layers: Sequence[int | str] | None = None,
     batch_size: int = 1,
     progress: bool = True,
+    store_dtype: str | None = None,
 ) -> EmbeddingTable:
     """Embed every image of `dataset` with `encoder` into the store at `store_dir`, reusing what is there.
 
     Returns an `EmbeddingTable` whose `table["neck"]` (and `table[str(layer)]`) is a memory-mapped
-    [N, C, h, w] array in dataset order. Works in one process or under torch.distributed (every rank calls it
-    with the same dataset and settings; each embeds its share; all get the full table).
+    [N, C, h, w] array in dataset order (float32 reads). Works in one process or under torch.distributed (every
+    rank calls it with the same dataset and settings; each embeds its share; all get the full table).
+    New entries are written as `store_dtype` ("float16" by default, "bfloat16", "float32"); entries already
+    stored in that dtype or in float32 are reused.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -71,8 +74,10 @@ def embed_dataset(
     if n == 0:
         raise DataError(f"{_describe(dataset)}: the dataset has no images to embed")
     ids: list[str | None] = [str(i) for i in dataset.ids] if hasattr(dataset, "ids") else [None] * n
-    fields = fields_of(encoder)
-    config, fields_json = config_digest(fields), canonical_fields(fields)
+    raw_fields = fields_of(encoder)
+    dtype = store_dtype_of(raw_fields, store_dtype)
+    configs = [c for c, _ in readable_configs(raw_fields, dtype)]  # preferred first: the one written
+    config, fields_json = configs[0], canonical_fields(readable_configs(raw_fields, dtype)[0][1])
     outputs = output_names(layers)
     show = progress and rank == 0
 
@@ -87,7 +92,7 @@ def embed_dataset(
         plan = None
         if store is not None:
             store.manifest.ingest_journals(root)  # entries of an interrupted distributed run
-            plan = (_missing(store, list(first_index), config, outputs), uuid.uuid4().hex[:12])
+            plan = (_missing(store, list(first_index), configs, outputs), uuid.uuid4().hex[:12])
         todo, run_id = broadcast(plan)
         my_todo = list(todo.items())[rank::world]
 
@@ -96,8 +101,9 @@ def embed_dataset(
         try:
             computed, encoder_seconds = _embed_share(
                 dataset=dataset, encoder=encoder, todo=my_todo, first_index=first_index, ids=ids,
-                writer=ShardWriter(root), store=store if world == 1 else None, journal=journal, config=config,
+                writer=ShardWriter(root), store=store if world == 1 else None, journal=journal, configs=configs,
                 fields_json=fields_json, layers=layers, batch_size=batch_size, show=show, world=world,
+                store_dtype=dtype,
             )  # fmt: skip
         finally:
             if journal is not None:
@@ -112,12 +118,11 @@ def embed_dataset(
             source = source_name(getattr(dataset, "source", None))
             links = [(source, i, d) for i, d in zip(ids, digests) if i is not None]
             store.manifest.add([], {config: fields_json}, links)
-            locations = _locations(store, digests, config, outputs)
+            located = _locations(store, digests, configs, outputs)
     finally:
         if store is not None:
             store.close()
-    locations = broadcast(locations)
-    keys = {o: [entry_key(d, config, o) for d in digests] for o in outputs}
+    keys, locations = broadcast(located)
     return EmbeddingTable(
         ids=ids,
         arrays={o: EmbeddingArray(root, locs) for o, locs in locations.items()},
@@ -153,16 +158,18 @@ def _embed_share(
     writer: ShardWriter,
     store: EmbeddingStore | None,
     journal: Journal | None,
-    config: str,
+    configs: list[str],
     fields_json: str,
     layers: Sequence[int | str] | None,
     batch_size: int,
     show: bool,
     world: int,
+    store_dtype: str,
 ) -> tuple[int, float]:
     """Embed `todo` ({digest: missing outputs} items) batch by batch; record each batch in the manifest
     (one process) or the journal (distributed). Returns (images embedded, seconds inside the encoder)."""
     computed, encoder_seconds = 0, 0.0
+    config = configs[0]
     desc = f"embedding ({world} ranks)" if world > 1 else "embedding"
     with tqdm(total=len(todo), desc=desc, disable=not show, unit="img") as bar:
         if journal is not None:
@@ -170,13 +177,13 @@ def _embed_share(
         for begin in range(0, len(todo), batch_size):
             batch = dict(todo[begin : begin + batch_size])
             if store is not None:  # another process may have written some meanwhile
-                batch = _missing(store, list(batch), config, output_names(layers))
+                batch = _missing(store, list(batch), configs, output_names(layers))
             if batch:
                 images = [_checked_image(dataset, first_index[d], d, ids) for d in batch]
                 tick = time.perf_counter()
                 result = encoder.embed(images, layers=list(layers) if layers else None, batch_size=batch_size)
                 encoder_seconds += time.perf_counter() - tick
-                entries = _write_batch(writer, list(batch.items()), _as_dict(result), config)
+                entries = _write_batch(writer, list(batch.items()), _as_dict(result), config, store_dtype)
                 if journal is not None:
                     journal.append([{"kind": "entry", **e._asdict()} for e in entries])
                 else:
@@ -187,25 +194,36 @@ def _embed_share(
 
 
 def _locations(
-    store: EmbeddingStore, digests: list[str], config: str, outputs: list[str]
-) -> dict[str, list[Location]]:
-    keys = {o: [entry_key(d, config, o) for d in digests] for o in outputs}
-    found = store.locate(sorted({k for ks in keys.values() for k in ks}))
-    lost = [k for ks in keys.values() for k in ks if k not in found]
-    if lost:
-        raise RuntimeError(f"{store.root}: {len(lost)} entries missing after embedding (e.g. {lost[0]})")
-    return {o: [found[k] for k in ks] for o, ks in keys.items()}
+    store: EmbeddingStore, digests: list[str], configs: list[str], outputs: list[str]
+) -> tuple[dict[str, list[str]], dict[str, list[Location]]]:
+    """(keys, locations) per output in dataset order, each from the first of `configs` that holds it."""
+    candidates = {(d, o, c): entry_key(d, c, o) for d in set(digests) for o in outputs for c in configs}
+    found = store.locate(sorted(set(candidates.values())))
+    keys: dict[str, list[str]] = {}
+    for output in outputs:
+        chosen = []
+        for digest in digests:
+            key = next(
+                (candidates[digest, output, c] for c in configs if candidates[digest, output, c] in found),
+                None,
+            )
+            if key is None:
+                raise RuntimeError(f"{store.root}: entry missing after embedding (image {digest}, {output})")
+            chosen.append(key)
+        keys[output] = chosen
+    return keys, {o: [found[k] for k in ks] for o, ks in keys.items()}
 
 
 def _missing(
-    store: EmbeddingStore, digests: list[str], config: str, outputs: list[str]
+    store: EmbeddingStore, digests: list[str], configs: list[str], outputs: list[str]
 ) -> dict[str, list[str]]:
     """{digest: outputs not yet stored} for the digests that miss at least one output, in input order.
 
+    An output is stored when an entry of any of `configs` (the requested store dtype, or float32) holds it.
     Entries whose shard file was deleted or cut short count as missing (and leave the manifest): a rerun heals
     the store."""
-    wanted = {(d, o): entry_key(d, config, o) for d in digests for o in outputs}
-    found = store.locate(list(wanted.values()))
+    candidates = {(d, o): [entry_key(d, c, o) for c in configs] for d in digests for o in outputs}
+    found = store.locate([k for ks in candidates.values() for k in ks])
     broken, dropped = store.verify_locations(found.values())
     if broken:
         warnings.warn(
@@ -217,14 +235,18 @@ def _missing(
     lost = set(broken)
     present = {key for key, location in found.items() if location.shard not in lost}
     todo: dict[str, list[str]] = {}
-    for (digest, output), key in wanted.items():
-        if key not in present:
+    for (digest, output), keys in candidates.items():
+        if not any(key in present for key in keys):
             todo.setdefault(digest, []).append(output)
     return todo
 
 
 def _write_batch(
-    writer: ShardWriter, batch: list[tuple[str, list[str]]], result: dict[str, torch.Tensor], config: str
+    writer: ShardWriter,
+    batch: list[tuple[str, list[str]]],
+    result: dict[str, torch.Tensor],
+    config: str,
+    store_dtype: str,
 ) -> list[Entry]:
     """Write one shard per output holding the rows that were missing; return the manifest entries."""
     entries: list[Entry] = []
@@ -233,7 +255,7 @@ def _write_batch(
             raise RuntimeError(f"encoder returned outputs {sorted(result)}, expected {output!r}")
         rows = [r for r, (_, outs) in enumerate(batch) if output in outs]
         array = result[output][rows].detach().float().cpu().numpy()
-        shard = writer.write(config, output, array)
+        shard = writer.write(config, output, array, store_dtype)
         for shard_row, r in enumerate(rows):
             digest = batch[r][0]
             key = entry_key(digest, config, output)

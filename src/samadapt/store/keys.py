@@ -5,6 +5,11 @@ their shape and dtype, so a renamed file is a hit and a re-encoded or edited fil
 part hashes `Encoder.cache_key_fields()` (name, checkpoint sha256, preprocessing, image size, precision,
 implementation version), so a changed checkpoint or setting can never return stale vectors. The output name
 ("neck", or one intermediate layer) is the third part, so asking for more layers later reuses the neck.
+
+The stored dtype is part of the settings: `store_fields` adds `"store_dtype"` to the hashed fields for float16
+and bfloat16, and leaves float32 fields as they were, so float32 entries keep the keys of stores written
+before store dtypes existed. A request for float32 therefore only ever finds float32 data; a request for a
+lighter dtype also accepts float32 entries (more exact than asked), see `readable_configs`.
 """
 
 from __future__ import annotations
@@ -37,6 +42,21 @@ def fields_of(encoder_or_fields: Any) -> dict[str, Any]:
     raise TypeError(
         f"expected an Encoder or a mapping of cache-key fields, got {type(encoder_or_fields).__name__}"
     )
+
+
+def store_fields(fields: Mapping[str, Any], store_dtype: str) -> dict[str, Any]:
+    """The fields that identify entries of `fields`' encoder stored as `store_dtype`."""
+    out = {k: v for k, v in fields.items() if k != "store_dtype"}
+    if store_dtype != "float32":
+        out["store_dtype"] = store_dtype
+    return out
+
+
+def readable_configs(fields: Mapping[str, Any], store_dtype: str) -> list[tuple[str, dict[str, Any]]]:
+    """(config digest, fields) of the entries that may answer a request for `store_dtype`, preferred first:
+    the requested dtype, then float32 (never a lighter dtype for a float32 request)."""
+    dtypes = [store_dtype] if store_dtype == "float32" else [store_dtype, "float32"]
+    return [(config_digest(f), f) for f in (store_fields(fields, d) for d in dtypes)]
 
 
 def canonical_fields(fields: Mapping[str, Any]) -> str:

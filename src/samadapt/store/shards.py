@@ -1,8 +1,13 @@
-"""Shard files: one float32 `.npy` array [B, ...] per written batch and output, published atomically.
+"""Shard files: one `.npy` array [B, ...] per written batch and output, published atomically.
 
-Why `.npy` float32: any reader (numpy, torch, other languages) can memory-map it with no library and no
-conversion; rows of a batch are contiguous, so a row read touches only its own pages. bf16 encoders still
-produce float32 outputs (exactly representable), so nothing is lost; the price is 2x disk against bf16.
+The stored dtype is in the file name, so a `stat` can check a shard's size and a reader knows what it holds:
+`*.npy` float32 (every store written before store dtypes existed), `*.f16.npy` IEEE float16 (the default: half
+the bytes; SAM-family outputs are far inside its range, relative rounding error <= 2^-11), `*.bf16.npy`
+bfloat16 bit patterns saved as uint16 (numpy has no bfloat16; `(bits.astype(np.uint32) << 16).view(np.float32)`
+decodes them; float32's range, rounding error <= 2^-8). A float16 batch holding a finite value beyond float16's
+range (65504) is written as float32 instead, so nothing is ever clipped to infinity. Readers get float32.
+Any reader (numpy, torch, other languages) can memory-map a shard with no library; rows of a batch are
+contiguous, so a row read touches only its own pages.
 A shard is written to a temporary name, fsynced and renamed; the manifest row that points at it is
 written only afterwards, so a crash leaves at worst an unreferenced file, never a reference to half a file.
 """
@@ -15,18 +20,65 @@ import io
 import json
 import os
 import uuid
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from samadapt.errors import DataError
+from samadapt.errors import ConfigError, DataError
 from samadapt.utils.atomic import atomic_path
 
 SHARD_DIR = "shards"
 JOURNAL_DIR = "journal"
 _NPY_MAGIC = b"\x93NUMPY"
+STORE_DTYPES = ("float16", "bfloat16", "float32")
+DEFAULT_STORE_DTYPE = "float16"
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+# store dtype -> (file suffix, numpy dtype of the file's array)
+_FILE_FORMATS: dict[str, tuple[str, np.dtype]] = {
+    "float32": (".npy", np.dtype("<f4")),
+    "float16": (".f16.npy", np.dtype("<f2")),
+    "bfloat16": (".bf16.npy", np.dtype("<u2")),
+}
+
+
+def check_store_dtype(store_dtype: str) -> str:
+    if store_dtype not in STORE_DTYPES:
+        raise ConfigError(f"unknown store dtype {store_dtype!r}; choose one of {', '.join(STORE_DTYPES)}")
+    return store_dtype
+
+
+def shard_dtype(relpath: str) -> str:
+    """The store dtype a shard file holds, from its name."""
+    for name in ("float16", "bfloat16"):
+        if relpath.endswith(_FILE_FORMATS[name][0]):
+            return name
+    return "float32"
+
+
+def shard_itemsize(relpath: str) -> int:
+    return _FILE_FORMATS[shard_dtype(relpath)][1].itemsize
+
+
+def encode(array: np.ndarray, store_dtype: str) -> np.ndarray:
+    """float32 values -> the file's array for `store_dtype` (float16, or bfloat16 bits rounded to nearest even)."""
+    values = np.ascontiguousarray(array, dtype=np.float32)
+    if store_dtype == "float16":
+        return values.astype(np.float16)
+    if store_dtype == "bfloat16":
+        return torch.from_numpy(values).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    return values
+
+
+def decode(stored: np.ndarray, dtype: np.dtype | type = np.float32) -> np.ndarray:
+    """A shard's rows (float32, float16 or bfloat16 bits) as a new array of `dtype` (float32 or float16)."""
+    if stored.dtype == np.uint16:  # bfloat16 bits: the upper half of a float32
+        values = (np.asarray(stored).astype(np.uint32) << 16).view(np.float32)
+        return values if np.dtype(dtype) == np.float32 else values.astype(dtype)
+    return np.array(stored, dtype=dtype)
 
 
 def new_writer_id() -> str:
@@ -34,10 +86,10 @@ def new_writer_id() -> str:
 
 
 def write_shard(root: Path, relpath: str, array: np.ndarray) -> None:
-    """Write `array` as float32 `.npy` at `root/relpath`, atomically."""
+    """Write `array` (float32 values) as `.npy` at `root/relpath` in the dtype its name says, atomically."""
     target = root / relpath
     with atomic_path(target) as tmp, open(tmp, "wb") as fh:
-        np.save(fh, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
+        np.save(fh, encode(array, shard_dtype(relpath)), allow_pickle=False)
 
 
 def damaged_shard(root: Path, relpath: str, detail: str) -> DataError:
@@ -50,7 +102,8 @@ def damaged_shard(root: Path, relpath: str, detail: str) -> DataError:
 
 
 def open_shard(root: Path, relpath: str) -> np.ndarray:
-    """Memory-map one shard file: a float32 array [B, ...]; DataError naming the file when it is not one."""
+    """Memory-map one shard file: its stored array [B, ...] (float32, float16 or bfloat16 bits as uint16, as
+    its name says); DataError naming the file when it is not one."""
     path = Path(root) / relpath
     try:
         with open(path, "rb") as fh:
@@ -63,16 +116,17 @@ def open_shard(root: Path, relpath: str) -> np.ndarray:
     except (OSError, ValueError, EOFError) as error:  # cut short, overwritten, not an .npy file at all
         text = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise damaged_shard(root, relpath, f"truncated or corrupt: {text}") from None
-    if not isinstance(array, np.ndarray) or array.dtype != np.float32 or array.ndim < 1:
+    expected = _FILE_FORMATS[shard_dtype(relpath)][1]
+    if not isinstance(array, np.ndarray) or array.dtype != expected or array.ndim < 1:
         kind = (
             f"dtype {array.dtype}, shape {array.shape}" if isinstance(array, np.ndarray) else "not one array"
         )
-        raise damaged_shard(root, relpath, f"expected a float32 array, found {kind}")
+        raise damaged_shard(root, relpath, f"expected a {expected.name} array, found {kind}")
     return array
 
 
 def shard_looks_complete(path: Path, rows: int, row_shape: tuple[int, ...]) -> bool:
-    """One `stat`: the file exists and is big enough for `rows` float32 rows of `row_shape` (plus a header).
+    """One `stat`: the file exists and is big enough for `rows` rows of `row_shape` (plus a header).
 
     Cheap enough for every shard of a dataset; it catches deleted and truncated shards, not overwritten ones
     (those are caught, naming the file, when they are read).
@@ -81,16 +135,16 @@ def shard_looks_complete(path: Path, rows: int, row_shape: tuple[int, ...]) -> b
         size = path.stat().st_size
     except OSError:
         return False
-    return size >= _npy_size(rows, tuple(row_shape))
+    return size >= _npy_size(rows, tuple(row_shape), _FILE_FORMATS[shard_dtype(path.name)][1].str)
 
 
 @functools.lru_cache(maxsize=1024)
-def _npy_size(rows: int, row_shape: tuple[int, ...]) -> int:
-    """Bytes `np.save` writes for a float32 [rows, *row_shape] array (a shard with more rows is larger)."""
+def _npy_size(rows: int, row_shape: tuple[int, ...], descr: str = "<f4") -> int:
+    """Bytes `np.save` writes for a [rows, *row_shape] array of `descr` (a shard with more rows is larger)."""
     header = io.BytesIO()
     shape = (rows, *row_shape)
-    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": shape})
-    return len(header.getvalue()) + 4 * int(np.prod(shape, dtype=np.int64))
+    np.lib.format.write_array_header_1_0(header, {"descr": descr, "fortran_order": False, "shape": shape})
+    return len(header.getvalue()) + np.dtype(descr).itemsize * int(np.prod(shape, dtype=np.int64))
 
 
 class ShardCache:
@@ -193,7 +247,8 @@ def read_journal(path: Path) -> tuple[list[dict[str, Any]], bool]:
 
 
 class ShardWriter:
-    """Names and writes the shard files of one writer process: `shards/<config>/<writer>-<seq>-<output>.npy`.
+    """Names and writes the shard files of one writer process:
+    `shards/<config>/<writer>-<seq>-<output>{.npy,.f16.npy,.bf16.npy}`.
 
     Names are unique per writer, so concurrent writers (processes, ranks, machines) never touch one file.
     """
@@ -203,9 +258,23 @@ class ShardWriter:
         self.writer_id = new_writer_id()
         self._seq = 0
 
-    def write(self, config: str, output: str, array: np.ndarray) -> str:
-        safe_output = "".join(c if c.isalnum() or c in "._-" else "_" for c in output)
-        relpath = f"{SHARD_DIR}/{config[:16]}/{self.writer_id}-{self._seq:06d}-{safe_output}.npy"
+    def write(self, config: str, output: str, array: np.ndarray, store_dtype: str = "float32") -> str:
+        """Write one batch (float32 values) in `store_dtype`; returns the shard's path relative to the root."""
+        check_store_dtype(store_dtype)
+        if store_dtype == "float16":
+            finite = np.abs(array[np.isfinite(array)]) if array.size else array
+            if finite.size and float(finite.max()) > FLOAT16_MAX:
+                warnings.warn(
+                    f"{output!r}: values up to {float(finite.max()):.4g} exceed float16's range; "
+                    "this batch is stored as float32",
+                    UserWarning,
+                    stacklevel=2,
+                )
+                store_dtype = "float32"
+        # No dots: the suffix alone names the dtype (an output called "x.f16" must not look like float16).
+        safe_output = "".join(c if c.isalnum() or c in "_-" else "_" for c in output)
+        suffix = _FILE_FORMATS[store_dtype][0]
+        relpath = f"{SHARD_DIR}/{config[:16]}/{self.writer_id}-{self._seq:06d}-{safe_output}{suffix}"
         self._seq += 1
         write_shard(self.root, relpath, array)
         return relpath

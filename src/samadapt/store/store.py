@@ -12,13 +12,24 @@ import numpy as np
 import torch
 
 from samadapt.errors import DataError
-from samadapt.store.keys import canonical_fields, config_digest, entry_key, fields_of, image_digest
+from samadapt.store.keys import (
+    canonical_fields,
+    config_digest,
+    entry_key,
+    fields_of,
+    image_digest,
+    readable_configs,
+    store_fields,
+)
 from samadapt.store.manifest import MANIFEST_NAME, Entry, Location, Manifest
 from samadapt.store.shards import (
+    DEFAULT_STORE_DTYPE,
     JOURNAL_DIR,
     SHARD_DIR,
     ShardCache,
     ShardWriter,
+    check_store_dtype,
+    decode,
     read_journal,
     shard_looks_complete,
 )
@@ -41,7 +52,9 @@ class EmbeddingStore:
 
     `len(store)`, `key in store`, `store[key] -> np.ndarray`; `store.key(image, encoder, output)`;
     `store.put(images, encoder, outputs)`; `store.get_by_id(dataset_id, encoder)`; `store.view(encoder)`.
-    `encoder` is an `Encoder` or its `cache_key_fields()` dict.
+    `encoder` is an `Encoder` or its `cache_key_fields()` dict. `store_dtype` ("float16" by default, "bfloat16",
+    "float32") is how new entries are written and which entries a lookup accepts: the requested dtype, or
+    float32 (a float32 request never gets lighter data). Every read returns float32.
     """
 
     def __init__(self, root: Path) -> None:
@@ -81,21 +94,52 @@ class EmbeddingStore:
         if location is None:
             raise KeyError(key)
         shard = self._cache.get(location.shard, row_shape=location.shape, rows=location.row + 1)
-        return np.array(shard[location.row])
+        return decode(shard[location.row])
 
     def tensor(self, key: str) -> torch.Tensor:
         return torch.from_numpy(self[key])
 
     # ---- content addressing -------------------------------------------------------------------------------
     @staticmethod
-    def key(image: np.ndarray | str, encoder: Any, output: str = "neck") -> str:
-        """Key of `image` (an array, or its `image_digest`) under `encoder`'s settings and output name."""
+    def key(
+        image: np.ndarray | str, encoder: Any, output: str = "neck", *, store_dtype: str | None = None
+    ) -> str:
+        """Key of `image` (an array, or its `image_digest`) under `encoder`'s settings and output name, for an
+        entry written as `store_dtype`."""
         digest = image if isinstance(image, str) else image_digest(image)
-        return entry_key(digest, config_digest(fields_of(encoder)), output)
+        fields = fields_of(encoder)
+        return entry_key(
+            digest, config_digest(store_fields(fields, store_dtype_of(fields, store_dtype))), output
+        )
 
-    def get(self, image: np.ndarray | str, encoder: Any, output: str = "neck") -> np.ndarray | None:
-        key = self.key(image, encoder, output)
-        return self[key] if key in self else None
+    def get(
+        self, image: np.ndarray | str, encoder: Any, output: str = "neck", *, store_dtype: str | None = None
+    ) -> np.ndarray | None:
+        """The stored float32 value for `image`, or None; entries of `store_dtype` or float32 answer."""
+        digest = image if isinstance(image, str) else image_digest(image)
+        found = self.find([digest], encoder, output, store_dtype=store_dtype)
+        return self[found[digest]] if digest in found else None
+
+    def find(
+        self, digests: Sequence[str], encoder: Any, output: str = "neck", *, store_dtype: str | None = None
+    ) -> dict[str, str]:
+        """{image digest: key of the entry that answers it} for the digests stored in an acceptable dtype
+        (the requested one preferred, then float32)."""
+        return {d: key for d, (key, _) in self.find_locations(digests, encoder, output, store_dtype).items()}
+
+    def find_locations(
+        self, digests: Sequence[str], encoder: Any, output: str, store_dtype: str | None = None
+    ) -> dict[str, tuple[str, Location]]:
+        """`find` with each entry's location: {digest: (key, Location)}."""
+        fields = fields_of(encoder)
+        configs = [c for c, _ in readable_configs(fields, store_dtype_of(fields, store_dtype))]
+        candidates = {(d, c): entry_key(d, c, output) for c in configs for d in digests}
+        located = self.manifest.locate(list(candidates.values()))
+        found: dict[str, tuple[str, Location]] = {}
+        for (digest, _config), key in candidates.items():  # configs in preference order
+            if digest not in found and key in located:
+                found[digest] = (key, located[key])
+        return found
 
     def locate(self, keys: Sequence[str]) -> dict[str, Location]:
         return self.manifest.locate(keys)
@@ -110,10 +154,15 @@ class EmbeddingStore:
 
     # ---- lookups by the id a data reader gave -------------------------------------------------------------
     def view(
-        self, encoder: Any, output: str = "neck", *, source: str | os.PathLike[str] | None = None
+        self,
+        encoder: Any,
+        output: str = "neck",
+        *,
+        source: str | os.PathLike[str] | None = None,
+        store_dtype: str | None = None,
     ) -> StoreView:
         """Lookups by dataset id for one encoder setting and output; `source` (the dataset's path) scopes ids."""
-        return StoreView(self, fields_of(encoder), output, source=source)
+        return StoreView(self, fields_of(encoder), output, source=source, store_dtype=store_dtype)
 
     def get_by_id(
         self,
@@ -122,8 +171,9 @@ class EmbeddingStore:
         output: str = "neck",
         *,
         source: str | os.PathLike[str] | None = None,
+        store_dtype: str | None = None,
     ) -> np.ndarray:
-        return self.view(encoder, output, source=source)[dataset_id]
+        return self.view(encoder, output, source=source, store_dtype=store_dtype)[dataset_id]
 
     def configs(self) -> dict[str, dict[str, Any]]:
         """Every encoder setting the store holds entries for, by config digest."""
@@ -186,8 +236,10 @@ class EmbeddingStore:
         *,
         ids: Sequence[str | None] | None = None,
         source: str | os.PathLike[str] | None = None,
+        store_dtype: str | None = None,
     ) -> dict[str, list[str]]:
-        """Store one batch: `outputs[name]` is [len(images), ...]. Returns the keys per output name.
+        """Store one batch: `outputs[name]` is [len(images), ...], written as `store_dtype` (default float16).
+        Returns the keys per output name.
 
         The shard files are complete on disk before the manifest commit that makes them visible, so a crash
         loses at most this batch. An existing key keeps its first value (equal settings give equal vectors).
@@ -195,7 +247,9 @@ class EmbeddingStore:
         if not isinstance(outputs, Mapping):
             outputs = {"neck": outputs}
         digests = [d if isinstance(d, str) else image_digest(d) for d in images]
-        fields = fields_of(encoder)
+        raw = fields_of(encoder)
+        dtype = store_dtype_of(raw, store_dtype)
+        fields = store_fields(raw, dtype)
         config = config_digest(fields)
         writer = self._writer = self._writer or ShardWriter(self.root)
         entries, keys = [], {}
@@ -210,7 +264,7 @@ class EmbeddingStore:
             rows = [r for r, k in enumerate(keys[output]) if k not in present and k not in keys[output][:r]]
             if not rows:  # all stored already: write nothing
                 continue
-            shard = writer.write(config, output, array[rows])
+            shard = writer.write(config, output, array[rows], dtype)
             entries += [
                 Entry(keys[output][r], digests[r], config, output, shard, i, tuple(array.shape[1:]))
                 for i, r in enumerate(rows)
@@ -224,6 +278,7 @@ class StoreView:
     """The entries of one encoder setting and output, looked up by dataset id (`ImageDataset.ids[i]`).
 
     An id resolves to the image content it had when it was last embedded; re-embed after editing a file.
+    Entries stored as `store_dtype` (default float16) answer, or float32 ones.
     """
 
     def __init__(
@@ -233,28 +288,36 @@ class StoreView:
         output: str,
         *,
         source: str | os.PathLike[str] | None,
+        store_dtype: str | None = None,
     ) -> None:
         self.store = store
         self.source = None if source is None else source_name(source)
-        self.fields = fields
-        self.config = config_digest(fields)
+        self.store_dtype = store_dtype_of(fields, store_dtype)
+        self.fields = {k: v for k, v in fields.items() if k != "store_dtype"}
         self.output = output
+        # config digests whose entries answer, preferred first; `config` is the one entries are written under
+        self.configs = [c for c, _ in readable_configs(self.fields, self.store_dtype)]
+        self.config = self.configs[0]
 
     def keys_of(self, dataset_ids: Sequence[str]) -> list[str | None]:
+        """The key that answers each id (None: never embedded, or not in an acceptable dtype)."""
         images = self.store.manifest.images_of(dataset_ids, self.source)
-        return [entry_key(images[i], self.config, self.output) if i in images else None for i in dataset_ids]
+        found = self.store.find(
+            sorted(set(images.values())), self.fields, self.output, store_dtype=self.store_dtype
+        )
+        return [found.get(images[i]) if i in images else None for i in dataset_ids]
 
     def __contains__(self, dataset_id: object) -> bool:
         if not isinstance(dataset_id, str):
             return False
-        key = self.keys_of([dataset_id])[0]
-        return key is not None and key in self.store
+        return self.keys_of([dataset_id])[0] is not None
 
     def __getitem__(self, dataset_id: str) -> np.ndarray:
         key = self.keys_of([dataset_id])[0]
-        if key is None or key not in self.store:
+        if key is None:
             raise KeyError(
-                f"{dataset_id!r} has no {self.output!r} embedding for encoder {self.fields} in {self.store.root}"
+                f"{dataset_id!r} has no {self.output!r} embedding ({self.store_dtype} or float32) for encoder "
+                f"{self.fields} in {self.store.root}"
             )
         return self.store[key]
 
@@ -263,9 +326,17 @@ class StoreView:
         unknown = [i for i, k in zip(dataset_ids, keys) if k is None]
         if unknown:
             raise KeyError(
-                f"{len(unknown)} ids were never embedded into {self.store.root}, e.g. {unknown[0]!r}"
+                f"{len(unknown)} ids have no {self.output!r} embedding ({self.store_dtype} or float32) in "
+                f"{self.store.root}, e.g. {unknown[0]!r}"
             )
         return self.store.array(keys)  # type: ignore[arg-type]
+
+
+def store_dtype_of(fields: dict[str, Any], store_dtype: str | None) -> str:
+    """The store dtype asked for: the argument, else the one named in `fields` (as `configs()` lists them),
+    else the default (float16)."""
+    chosen = store_dtype or fields.get("store_dtype") or DEFAULT_STORE_DTYPE
+    return check_store_dtype(str(chosen))
 
 
 def source_name(source: str | os.PathLike[str] | None) -> str:

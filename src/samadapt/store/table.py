@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +12,9 @@ import numpy as np
 import torch
 
 from samadapt.store.manifest import Location
-from samadapt.store.shards import ShardCache
+from samadapt.store.shards import ShardCache, decode, shard_itemsize
+
+READ_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 
 
 class EmbeddingArray:
@@ -19,10 +22,20 @@ class EmbeddingArray:
 
     `array[i]` -> np.ndarray [...]; `array[[i, j]]` or `array[a:b]` -> np.ndarray [B, ...];
     `array.tensor(idx)` -> torch.Tensor; `np.asarray(array)` materialises all rows.
-    Picklable (memory maps are reopened in the receiving process, e.g. a DataLoader worker).
+    Shards may hold float32, float16 or bfloat16 rows; reads are float32, or float16 with
+    `array.astype(np.float16)` (half the memory; float16 shards are then copied without conversion).
+    `array.stored_nbytes` is what the rows take on disk. Picklable (memory maps are reopened in the receiving
+    process, e.g. a DataLoader worker).
     """
 
-    def __init__(self, root: Path, locations: Sequence[Location], *, cache: ShardCache | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        locations: Sequence[Location],
+        *,
+        cache: ShardCache | None = None,
+        dtype: Any = np.float32,
+    ) -> None:
         if not locations:
             raise ValueError("an EmbeddingArray needs at least one row")
         row_shapes = {loc.shape for loc in locations}
@@ -32,14 +45,30 @@ class EmbeddingArray:
         self.shards = [loc.shard for loc in locations]
         self.rows = np.array([loc.row for loc in locations], dtype=np.int64)
         self.shape: tuple[int, ...] = (len(locations), *row_shapes.pop())
-        self.dtype = np.dtype(np.float32)
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in READ_DTYPES:
+            raise ValueError(f"an EmbeddingArray reads as float32 or float16, not {self.dtype}")
         self._cache = cache or ShardCache(self.root)
 
     def __len__(self) -> int:
         return self.shape[0]
 
     def __repr__(self) -> str:
-        return f"EmbeddingArray(shape={self.shape}, dtype=float32, root={str(self.root)!r})"
+        return f"EmbeddingArray(shape={self.shape}, dtype={self.dtype.name}, root={str(self.root)!r})"
+
+    def astype(self, dtype: Any) -> EmbeddingArray:
+        """The same rows read as `dtype` (float32 or float16); no data is read here."""
+        out = copy.copy(self)
+        out.dtype = np.dtype(dtype)
+        if out.dtype not in READ_DTYPES:
+            raise ValueError(f"an EmbeddingArray reads as float32 or float16, not {out.dtype}")
+        return out
+
+    @property
+    def stored_nbytes(self) -> int:
+        """Bytes the rows take in their shard files (headers excluded)."""
+        row = int(np.prod(self.shape[1:], dtype=np.int64))
+        return sum(row * shard_itemsize(shard) for shard in self.shards)
 
     def __getitem__(self, index: int | slice | Sequence[int] | np.ndarray) -> np.ndarray:
         if isinstance(index, (int, np.integer)):
@@ -47,19 +76,20 @@ class EmbeddingArray:
             if not 0 <= i < len(self):
                 raise IndexError(f"index {index} out of range for {len(self)} rows")
             shard = self._cache.get(self.shards[i], row_shape=self.shape[1:], rows=int(self.rows[i]) + 1)
-            return np.array(shard[self.rows[i]])
+            return decode(shard[self.rows[i]], self.dtype)
         indices = (
             np.arange(len(self))[index] if isinstance(index, slice) else np.asarray(index, dtype=np.int64)
         )
         indices = np.where(indices < 0, indices + len(self), indices)
-        out = np.empty((len(indices), *self.shape[1:]), dtype=np.float32)
+        out = np.empty((len(indices), *self.shape[1:]), dtype=self.dtype)
         # One fancy-index read per shard touched, instead of one per row.
         by_shard: dict[str, list[int]] = {}
         for position, i in enumerate(indices.tolist()):
             by_shard.setdefault(self.shards[i], []).append(position)
         for shard, positions in by_shard.items():
             rows = self.rows[indices[positions]]
-            out[positions] = self._cache.get(shard, row_shape=self.shape[1:], rows=int(rows.max()) + 1)[rows]
+            stored = self._cache.get(shard, row_shape=self.shape[1:], rows=int(rows.max()) + 1)[rows]
+            out[positions] = decode(stored, self.dtype) if stored.dtype == np.uint16 else stored
         return out
 
     def tensor(self, index: int | slice | Sequence[int] | np.ndarray = slice(None)) -> torch.Tensor:
@@ -93,3 +123,8 @@ class EmbeddingTable:
     @property
     def outputs(self) -> list[str]:
         return list(self.arrays)
+
+    @property
+    def bytes_per_image(self) -> float:
+        """Mean bytes one image's entries (every output) take in the shard files."""
+        return sum(a.stored_nbytes for a in self.arrays.values()) / max(1, len(self.ids))
