@@ -89,6 +89,30 @@ def test_sam2_encoder_onnx(tmp_path):
     _check(tmp_path / "sam2.onnx", lambda x: encoder.embed_tensor(x)[0], (images,))
 
 
+def test_mobilesam_encoder_onnx_keeps_modules_in_eval(tmp_path):
+    # TinyViT has BatchNorm: the export must leave every submodule of the frozen encoder in eval mode
+    encoder = load_encoder("mobilesam_vit_t", None, arch="tiny", image_size=64)
+    info = export_encoder_onnx(encoder, tmp_path / "mobilesam.onnx")
+    print(f"mobilesam.onnx (export check): {info['check']['err_over_max']:.2e} of the max")
+    assert info["check"]["passed"], info["check"]
+    assert not any(m.training for m in encoder.module.modules())
+
+
+def test_export_restores_each_submodule_mode(tmp_path):
+    head, shape = _head("linear")
+    head.train()
+    head.final.eval()  # a mixed state, as a frozen part inside a trained model
+    export_module(
+        head,
+        (torch.zeros(shape),),
+        tmp_path / "h.pt",
+        format="torchscript",
+        input_names=["e"],
+        output_names=["l"],
+    )
+    assert head.training and head.output_upscaling.training and not head.final.training
+
+
 def test_export_mode_is_plain_and_exact():
     encoder = load_encoder("sam_vit_b", None, arch="tiny", image_size=128)  # windowed blocks pad 8 -> 14
     x = _fresh(2, 3, 128, 128)

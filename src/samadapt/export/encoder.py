@@ -36,6 +36,7 @@ class EmbeddingOnly(nn.Module):
     def __init__(self, encoder_module: nn.Module) -> None:
         super().__init__()
         self.encoder = encoder_module
+        self.train(encoder_module.training)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.encoder(image)[0]

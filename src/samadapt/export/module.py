@@ -190,7 +190,9 @@ def _dynamic_shapes(
 
 @contextlib.contextmanager
 def _export_context(module: nn.Module):
-    was_training = module.training
+    # Every submodule's own mode comes back afterwards (a wrapper in train mode around a frozen eval encoder must
+    # not put the encoder, with its BatchNorms, into train mode).
+    modes = [(m, m.training) for m in module.modules()]
     module.eval()
     onnx_log = logging.getLogger("torch.onnx")
     level = onnx_log.level
@@ -203,7 +205,8 @@ def _export_context(module: nn.Module):
             contextlib.redirect_stdout(io.StringIO()),
             warnings.catch_warnings(),
         ):
-            # SAM 2's official position encoding caches tensors on itself while tracing: harmless here.
+            # SAM 2's official position encoding caches tensors on itself while tracing: values are right (the
+            # checks compare them), the warning is only noise for a user.
             warnings.filterwarnings("ignore", message=".*were assigned during export.*")
             # one named axis on several inputs (images and SAM windows share "batch"): what we asked for
             warnings.filterwarnings(
@@ -212,7 +215,8 @@ def _export_context(module: nn.Module):
             yield
     finally:
         onnx_log.setLevel(level)
-        module.train(was_training)
+        for submodule, training in modes:
+            submodule.training = training
 
 
 def _parameter_bytes(module: nn.Module) -> int:
