@@ -64,6 +64,7 @@ def _build_parser() -> argparse.ArgumentParser:
         ("train", "train a task model (--task classify|segment|fewshot)"),
         ("sweep", "run a sweep over methods x budgets x seeds (--task, or a YAML config with `task:`)"),
         ("predict", "predict with a trained run (--run RUN) on new images or volumes"),
+        ("export", "export a trained run (--run RUN) to ONNX / TorchScript / torch.export"),
     ):
         p = sub.add_parser(command, help=helptext, add_help=False)
         p.add_argument("-h", "--help", action="store_true")
@@ -94,7 +95,7 @@ def _dispatch_task_command(command: str, rest: list[str], debug: bool) -> int:
     if task is None and known.config is not None and command != "predict":
         value = read_yaml_mapping(known.config).get("task")
         task, source = (str(value) if value is not None else None), known.config
-    if task is None and known.run is not None and command == "predict":
+    if task is None and known.run is not None and command in ("predict", "export"):
         path = known.run / "config.yaml"
         if not path.is_file():
             raise ConfigError(f"{known.run}: not a run folder written by `samadapt train` (no config.yaml)")
@@ -133,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = _build_parser()
         command = next((a for a in argv if not a.startswith("-")), None)
-        if command in ("train", "sweep", "predict"):
+        if command in ("train", "sweep", "predict", "export"):
             rest = argv[argv.index(command) + 1 :]
             return _dispatch_task_command(command, rest, debug)
         args = parser.parse_args(argv)

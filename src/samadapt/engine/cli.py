@@ -253,7 +253,13 @@ def predict(task: Task, rest: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": train, "sweep": sweep, "predict": predict}
+def export(task: Task, rest: list[str]) -> int:
+    from samadapt.engine.export import export as run_export
+
+    return run_export(task, rest)
+
+
+COMMANDS = {"train": train, "sweep": sweep, "predict": predict, "export": export}
 
 
 def dispatch(command: str, task_name: str, rest: list[str], *, source: Path | None = None) -> int:

@@ -292,7 +292,7 @@ def bounded(*names: str, low: float | None = None, high: float | None = None, st
     return field_validator(*names)(classmethod(check))
 
 
-Precision = Literal["fp32", "bf16"]
+Precision = Literal["auto", "fp32", "bf16"]
 
 
 class EncoderRunConfig(RunConfig):
@@ -306,7 +306,10 @@ class EncoderRunConfig(RunConfig):
         None, "tiny: the registry's tiny random-weight configuration (tests, demo)", aliases=("--arch",)
     )
     encoder_image_size: int | None = setting(None, "encoder input size S (default: the encoder's own, 1024)")
-    precision: Precision = setting("fp32", "encoder precision")
+    precision: Precision = setting(
+        "auto", "encoder precision; auto: bf16 where this CPU/GPU runs it natively and faster, else fp32 (the resolved "
+        "value is recorded in config.yaml and the store key)"
+    )  # fmt: skip
     store: str | None = setting(
         None, "embedding store directory (default $SAMADAPT_STORE, else OUT/embeddings)", run_only=True
     )
@@ -322,14 +325,25 @@ class EncoderRunConfig(RunConfig):
             return Path(os.environ["SAMADAPT_STORE"])
         return Path(self.out or ".") / "embeddings"
 
-    def load_encoder(self, device: str | None = None) -> Any:
-        from samadapt.encoders import load_encoder
+    def load_encoder(self, device: str | None = None, *, precision: str | None = None) -> Any:
+        """The encoder these settings name; `precision` "auto" is resolved here (and said once), or pass the one a
+        trained run recorded."""
+        import logging
 
+        from samadapt.encoders import load_encoder
+        from samadapt.encoders.precision import decide_precision
+
+        device = device or self.device or "auto"
+        chosen = precision or self.precision
+        if chosen == "auto":
+            decision = decide_precision("auto", None if device == "auto" else device)
+            logging.getLogger(__name__).info("precision auto -> %s (%s)", decision.precision, decision.reason)
+            chosen = decision.precision
         return load_encoder(
             self.encoder,
             self.checkpoint,
-            precision=self.precision,
+            precision=chosen,
             image_size=self.encoder_image_size,
             arch=None if self.encoder_arch == "default" else self.encoder_arch,
-            device=device or self.device or "auto",
+            device=device,
         )

@@ -138,3 +138,14 @@ class Task:
     ) -> list[tuple[str, str | None, str | None]]:
         """(what, path in the config, sha256 recorded at training) of every model file predict loads."""
         return []
+
+    # ---- export ---------------------------------------------------------------------------------------------
+    def export_encoder(self, cfg: RunConfig, recorded: dict[str, Any], *, checkpoint: str | None) -> Any:
+        """The run's frozen encoder in fp32 for `samadapt export`, or None when the task has none."""
+        return None
+
+    def export_models(
+        self, cfg: RunConfig, recorded: dict[str, Any], *, run: Path, checkpoints: dict[str, Any]
+    ) -> tuple[list[Any], dict[str, Any]]:
+        """(ExportItems, glue): the task models to export and how their inputs are made from the encoder's."""
+        raise NotImplementedError(f"samadapt export is not available for --task {self.name}")

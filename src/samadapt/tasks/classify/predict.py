@@ -84,7 +84,8 @@ def predict_images(
     embeddings = None
     encoder = None
     if cfg.method != "baseline":
-        encoder = cfg.replace(checkpoint=checkpoint).load_encoder(device or "cpu")
+        trained = (fields or {}).get("precision")  # the precision "auto" resolved to at training
+        encoder = cfg.replace(checkpoint=checkpoint).load_encoder(device or "cpu", precision=trained)
         if fields is not None and encoder.cache_key_fields() != fields:
             raise CheckpointError(
                 f"{run}: trained with encoder settings {fields}, but the encoder now loads as "

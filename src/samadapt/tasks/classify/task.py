@@ -149,3 +149,16 @@ class ClassifyTask(Task):
             cfg=cfg, recorded=recorded, run=run, images=list(args.images), out=Path(args.out), store=args.store,
             device=args.device, checkpoint=args.checkpoints.get("encoder"), progress=progress,
         )  # fmt: skip
+
+    # ---- export ---------------------------------------------------------------------------------------------
+    def export_encoder(self, cfg: ClassifyConfig, recorded: dict[str, Any], *, checkpoint: str | None) -> Any:  # type: ignore[override]
+        if cfg.method == "baseline":
+            return None
+        return cfg.replace(checkpoint=checkpoint).load_encoder("cpu", precision="fp32")
+
+    def export_models(
+        self, cfg: ClassifyConfig, recorded: dict[str, Any], *, run: Path, checkpoints
+    ) -> tuple:  # type: ignore[override]
+        from samadapt.tasks.classify.export import export_items
+
+        return export_items(cfg, recorded, run=run, checkpoint=checkpoints.get("encoder"))

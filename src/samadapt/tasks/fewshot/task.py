@@ -202,6 +202,9 @@ class FewShotTask(Task):
                 "chosen by the user")  # fmt: skip
         return rows
 
+    def export_models(self, cfg: FewShotConfig, recorded: dict[str, Any], *, run: Path, checkpoints) -> tuple:  # type: ignore[override]
+        return _export_items(cfg, recorded, run=run, checkpoints=checkpoints)
+
     # ---- predict --------------------------------------------------------------------------------------------
     def add_predict_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--images", nargs="+", required=True, help="image files or folders")
@@ -227,6 +230,12 @@ class FewShotTask(Task):
             clip_checkpoint=args.checkpoints.get("clip"), masker_checkpoint=args.checkpoints.get("masker"),
             device=args.device or cfg.device or "cpu", progress=progress,
         )  # fmt: skip
+
+
+def _export_items(cfg, recorded, *, run, checkpoints):
+    from samadapt.tasks.fewshot.export import export_items
+
+    return export_items(cfg, recorded, run=run, clip_checkpoint=checkpoints.get("clip"))
 
 
 def _identity(res: Resources) -> dict[str, Any]:

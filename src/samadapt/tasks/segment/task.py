@@ -140,3 +140,16 @@ class SegmentTask(Task):
 
         return predict_file(cfg, recorded, run=run, source=args.input, out=args.out, output_format=args.output_format,
                             checkpoint=args.checkpoints.get("encoder"), device=args.device or "cpu")  # fmt: skip
+
+    # ---- export ---------------------------------------------------------------------------------------------
+    def export_encoder(self, cfg: SegmentConfig, recorded: dict[str, Any], *, checkpoint: str | None) -> Any:  # type: ignore[override]
+        if cfg.method not in EMBEDDING_HEADS:
+            return None
+        return cfg.replace(checkpoint=checkpoint, encoder_image_size=cfg.encoder_size).load_encoder(
+            "cpu", precision="fp32"
+        )
+
+    def export_models(self, cfg: SegmentConfig, recorded: dict[str, Any], *, run: Path, checkpoints) -> tuple:  # type: ignore[override]
+        from samadapt.tasks.segment.export import export_items
+
+        return export_items(cfg, recorded, run=run)
