@@ -249,6 +249,9 @@ def load_run_config(run: str | os.PathLike[str], model: type[RunConfig]) -> tupl
     if not isinstance(recorded, dict):
         raise ConfigError(f"{path}: key 'recorded' must be a mapping, found {type(recorded).__name__}")
     data.pop("samadapt_version", None)
+    missing = [key for key in ("method",) if key not in data]  # a default would silently stand in for it
+    if missing:
+        raise ConfigError(f"{path}: missing key(s) {', '.join(missing)}")
     cfg = build_config(model, [(str(path), data)])
     return cfg, recorded
 
