@@ -211,10 +211,19 @@ def _predict_error(run: Path, tmp_path: Path, capsys) -> str:
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda text: text.replace("class_names:", "names:"), r"config\.yaml: recorded\.class_names must list"),
-        (lambda text: text.replace("method: linear-probe\n", ""), r"config\.yaml: missing key\(s\) method"),
-        (lambda text: text.replace("epochs: 1\n", "epochs: many\n"), r"config\.yaml: key 'epochs' = 'many': .*integer"),
-        (lambda text: text.replace("lr: 0.0003\n", "lr: .nan\n"), r"config\.yaml: key 'lr' = nan: must be a finite"),
+        (
+            lambda text: text.replace("class_names:", "names:"),
+            r"config\.yaml: recorded\.class_names must list",
+        ),
+        (lambda text: text.replace("method: linear-probe\n", ""), r"config\.yaml: missing key\(s\) 'method'"),
+        (
+            lambda text: text.replace("epochs: 1\n", "epochs: many\n"),
+            r"config\.yaml: key 'epochs' = 'many': .*integer",
+        ),
+        (
+            lambda text: text.replace("lr: 0.0003\n", "lr: .nan\n"),
+            r"config\.yaml: key 'lr' = nan: must be a finite",
+        ),
         (lambda text: text + "surprise: 1\n", r"config\.yaml: unknown classify setting"),
         (lambda text: "task: classify\n- a list\n", r"config\.yaml: not valid YAML"),
     ],

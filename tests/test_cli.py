@@ -110,7 +110,9 @@ def test_a_flag_on_the_command_line_beats_the_config_file_even_at_its_default(tm
 
     seen = {}
 
-    def fake_execute_run(task, cfg, **kwargs):  # stop before any data is read: the merged configuration matters
+    def fake_execute_run(
+        task, cfg, **kwargs
+    ):  # stop before any data is read: the merged configuration matters
         seen["cfg"] = cfg
         return {}
 

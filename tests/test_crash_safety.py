@@ -335,7 +335,8 @@ def test_kill_9_during_fewshot_sweep_then_rerun_equals_an_uninterrupted_sweep(tm
         )
     assert _sweep_rows(killed) == _sweep_rows(clean) and len(_sweep_rows(clean)) == 2
     assert sorted(p.parent.name for p in clean.glob("runs/*/metrics.json")) == [
-        "clip-finetune_b0.5_s0", "clip-finetune_b1_s0"
+        "clip-finetune_b0.5_s0",
+        "clip-finetune_b1_s0",
     ]
     for done in clean.glob("runs/*/metrics.json"):
         a = json.loads((killed / done.relative_to(clean)).read_text())
@@ -416,7 +417,9 @@ def test_publishing_a_new_run_replaces_the_old_outputs_and_keeps_the_users_files
     publish(new, run)
     assert not new.exists() and not (tmp_path / ".run.old").exists()
     assert {n: (run / n).read_text() for n in ("metrics.json", "config.yaml", "model.safetensors")} == {
-        "metrics.json": "new", "config.yaml": "new", "model.safetensors": "new"
+        "metrics.json": "new",
+        "config.yaml": "new",
+        "model.safetensors": "new",
     }
     assert not (run / "old_extra.png").exists() and not (run / "report.html").exists(), "old outputs go"
     assert (run / "notes.txt").read_text() == "old" and (run / "mask_cache").is_dir(), "the user's files stay"
@@ -433,7 +436,9 @@ def test_kill_9_while_retraining_a_finished_run_leaves_no_stale_outputs(tmp_path
     assert finished.returncode == 0, finished.stderr
     run = tmp_path / "run"
     assert (run / "metrics.json").is_file() and (run / "model.safetensors").is_file()
-    before = {name: (run / name).read_bytes() for name in ("metrics.json", "config.yaml", "model.safetensors")}
+    before = {
+        name: (run / name).read_bytes() for name in ("metrics.json", "config.yaml", "model.safetensors")
+    }
     state = tmp_path / ".run.partial" / ".resume" / "state.json"
     kill_when(start([*argv, "--seed", "1"]), state.exists)  # retrain with another seed, killed mid-training
     # the finished run stays whole (config, weights and metrics of one training), the new one stays hidden
@@ -452,7 +457,10 @@ def test_retraining_with_bad_data_keeps_the_finished_run(tmp_path, capsys, task:
         (run / name).write_text("finished")
     empty = tmp_path / "empty"
     empty.mkdir()
-    flags = {"segment": ["--method", "linear", *SEGMENT], "classify": ["--method", "baseline", "--no-progress"]}
+    flags = {
+        "segment": ["--method", "linear", *SEGMENT],
+        "classify": ["--method", "baseline", "--no-progress"],
+    }
     assert main(["train", "--task", task, "--data", str(empty), *flags[task], "--out", str(run)]) == 2
     assert "empty" in capsys.readouterr().err
     assert all((run / name).read_text() == "finished" for name in RUN_OUTPUTS)

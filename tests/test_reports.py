@@ -191,7 +191,9 @@ def test_weights_roundtrip_and_config_merge(tmp_path):
     assert cfg.lr == 0.5 and cfg.epochs == 9  # the command line wins over the file
     # ... also when the value given equals the model's default
     default = ClassifyConfig()
-    cfg = settings(["--config", str(tmp_path / "c.yaml"), "--lr", str(default.lr), f"--epochs={default.epochs}"])
+    cfg = settings(
+        ["--config", str(tmp_path / "c.yaml"), "--lr", str(default.lr), f"--epochs={default.epochs}"]
+    )
     assert cfg.lr == default.lr and cfg.epochs == default.epochs
     (tmp_path / "typo.yaml").write_text("learning_rate: 0.5\n")
     with pytest.raises(ConfigError, match="typo.yaml.*learning_rate"):
