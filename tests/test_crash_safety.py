@@ -350,8 +350,8 @@ class _Interrupted(Exception):
 def _fit_toy(run: Path, *, epochs: int, resume: bool, die_after: int | None = None, lr: float = 0.05):
     """A tiny model whose data draws from the global torch RNG and the loader's generator, with dropout, a
     scheduler and early stopping: every piece of state `fit` must carry over."""
-    from samadapt.training import EarlyStopping, fit, seed_everything
     from samadapt.engine.lifecycle import _start
+    from samadapt.training import EarlyStopping, fit, seed_everything
     from samadapt.training.resume import resume_dir
 
     _start(run, resume=resume)  # the run lifecycle's first step: keep the resume state only under --resume

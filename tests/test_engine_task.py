@@ -63,9 +63,7 @@ class ToyTask(Task):
         x, y = prepared["test"]
         pred = self._predict(fitted.weights["centres"], x)
         rows = [{"id": i, "true": int(t), "predicted": int(p)} for i, (t, p) in enumerate(zip(y, pred))]
-        return Evaluation(
-            metrics={"val": {}, "test": {"accuracy": float((pred == y).mean())}}, predictions=rows
-        )
+        return Evaluation(metrics={"val": {}, "test": {"accuracy": float((pred == y).mean())}}, predictions=rows)
 
     def add_predict_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--points", required=True, help="CSV of x,y rows")
@@ -154,8 +152,4 @@ def test_layers_defaults_file_then_command_line(toy_task, tmp_path) -> None:
 
 def test_fingerprint_leaves_out_where_a_run_executes() -> None:
     cfg: Any = ToyConfig(out="a", device="cpu", shift=1.0)
-    assert (
-        "out" not in cfg.fingerprint()
-        and "device" not in cfg.fingerprint()
-        and cfg.fingerprint()["shift"] == 1.0
-    )
+    assert "out" not in cfg.fingerprint() and "device" not in cfg.fingerprint() and cfg.fingerprint()["shift"] == 1.0

@@ -37,18 +37,10 @@ def setup(tmp_path_factory):
         masker_checkpoint=str(write_tiny_sam2(root / "tiny_sam2.pt")),
         masker_arch="tiny",
         masker_image_size=128,
-        points_per_side=4,
-        pred_iou_thresh=0.0,
-        stability_score_thresh=0.0,
+        points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0,
         class_names=list(CLASS_NAMES),
         data_fraction=0.5,
-        epochs=2,
-        coop_epochs=2,
-        tip_epochs=2,
-        coop_n_ctx=4,
-        lr=1e-4,
-        progress=False,
-        out=str(root),
+        epochs=2, coop_epochs=2, tip_epochs=2, coop_n_ctx=4, lr=1e-4, progress=False, out=str(root),
     )
     res = FewShotTask().prepare(cfg, progress=False)
     return cfg, res, root

@@ -11,6 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
+from samadapt.engine.cli import _parser, config_layers
+from samadapt.engine.config import build_config, read_yaml_mapping
 from samadapt.errors import ConfigError
 from samadapt.reports import (
     mean_std_markdown,
@@ -26,8 +28,6 @@ from samadapt.reports import (
     write_html_report,
     write_predictions_csv,
 )
-from samadapt.engine.cli import _parser, config_layers
-from samadapt.engine.config import build_config, read_yaml_mapping
 from samadapt.tasks.classify.config import ClassifyConfig
 from samadapt.tasks.classify.task import ClassifyTask
 from samadapt.training import EarlyStopping, fit, load_weights, save_weights
