@@ -16,8 +16,8 @@ from samadapt.engine.lifecycle import execute_run
 from samadapt.tasks.fewshot.config import FewShotConfig
 from samadapt.tasks.fewshot.heads import load_learned_state
 from samadapt.tasks.fewshot.methods import METHODS, build_model, evaluate_probs
-from samadapt.tasks.fewshot.task import FewShotTask
 from samadapt.tasks.fewshot.synthetic import CLASS_NAMES, write_toy_npz
+from samadapt.tasks.fewshot.task import FewShotTask
 from samadapt.training.weights import load_weights
 
 
