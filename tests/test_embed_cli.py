@@ -111,9 +111,11 @@ def test_bad_input_is_one_line_error(tmp_path, capsys):
     assert main(["embed", *TINY, "--data", data, "--store", str(tmp_path / "c"), "--batch-size", "0"]) == 2
     (tmp_path / "file").write_text("not a store")
     assert main(["embed", *TINY, "--data", data, "--store", str(tmp_path / "file")]) == 2
+    assert main(["embed", *TINY, "--data", data]) == 2  # no store named
     errors = capsys.readouterr().err.strip().splitlines()
-    assert [line.startswith("samadapt: error:") for line in errors] == [True] * 3
+    assert [line.startswith("samadapt: error:") for line in errors] == [True] * 4
     assert "--layers" in errors[0] and "--batch-size" in errors[1] and "found a file" in errors[2]
+    assert "--store DIR is required" in errors[3]
 
 
 def _entries(manifest: Path) -> int:
