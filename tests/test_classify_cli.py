@@ -153,7 +153,7 @@ def test_bad_flags_raise_one_line_errors(lesions, tmp_path, capsys):
         )
         == 2
     )
-    assert "--method 'svm'" in capsys.readouterr().err
+    assert "command line: --method = 'svm': Input should be 'slca'" in capsys.readouterr().err
     assert (
         main(["train", "--task", "classify", "--data", str(tmp_path / "none.npz"), "--out", str(tmp_path)])
         == 2

@@ -122,7 +122,7 @@ def test_user_errors_are_one_line(files, tmp_path, capsys):
         str(tmp_path),
     ]
     assert main([*base, "--method", "nope"]) == 2
-    assert "unknown few-shot method 'nope'" in capsys.readouterr().err
+    assert "command line: --method = 'nope': Input should be" in capsys.readouterr().err
     assert main([*base, "--method", "medfocus"]) == 2
     assert "--masker-checkpoint" in capsys.readouterr().err
 

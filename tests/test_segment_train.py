@@ -108,7 +108,7 @@ def test_other_heads_train_and_evaluate(acdc, head, tmp_path):
         rows = [r for r in csv.DictReader(fh) if r["split"] == "test"]
     assert len(rows) == metrics["test"]["num_volumes"] == 2
     per_volume = [np.mean([float(r[f"dice_{n}"]) for n in ("RV", "MYO", "LV")]) for r in rows]
-    assert metrics["test"]["dice_mean"] == pytest.approx(float(np.mean(per_volume)), abs=1e-6)
+    assert metrics["test"]["dice_mean"] == pytest.approx(float(np.mean(per_volume)), abs=1e-4)
 
 
 def test_sweep_writes_a_table_and_resumes(acdc, tmp_path, capsys):
