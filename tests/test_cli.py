@@ -154,3 +154,35 @@ def test_embed_data_format_reads_patient_subfolders_as_unlabelled_images(tmp_pat
     assert "4 images" in capsys.readouterr().out
     assert main([*argv, "--data-format", "medmnist"]) == 2  # forcing a wrong layout is a one-line error
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_deprecated_config_file_keys_still_work_and_name_the_new_key(tmp_path, monkeypatch):
+    """`image-size:` in a classify file and `heads:` in a segment sweep file: taken, with a warning naming the
+    new key (the run and the sweep themselves are stubbed out: the settings they receive are what matters)."""
+    import samadapt.engine.lifecycle as lifecycle
+    import samadapt.engine.sweep as sweep
+
+    seen = {}
+    monkeypatch.setattr(lifecycle, "execute_run", lambda task, cfg, **kw: seen.update(cfg=cfg) or {})
+
+    def fake_sweep(task, base, axes, **kwargs):
+        seen.update(base=base, axes=axes)
+        return tmp_path / "report.html"
+
+    monkeypatch.setattr(sweep, "run_sweep", fake_sweep)
+    (tmp_path / "c.yaml").write_text("task: classify\ndata: x\nimage-size: 96\n")
+    with pytest.warns(FutureWarning, match="'image_size' is deprecated; use 'backbone_image_size'"):
+        assert main(["train", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "run")]) == 0
+    assert seen["cfg"].backbone_image_size == 96
+    (tmp_path / "s.yaml").write_text(
+        "task: segment\ndata: x\nheads: [linear, unet]\ntrain-volumes: [1, all]\n"
+    )
+    with pytest.warns(FutureWarning, match="'heads' is deprecated; use 'methods'"):
+        assert (
+            main(
+                ["sweep", "--config", str(tmp_path / "s.yaml"), "--seeds", "2", "--out", str(tmp_path / "s")]
+            )
+            == 0
+        )
+    assert seen["axes"]["method"] == ["linear", "unet"] and seen["axes"]["seed"] == [0, 1]
+    assert seen["axes"]["train_volumes"] == [1, "all"] and seen["base"].out == str(tmp_path / "s")
