@@ -50,7 +50,8 @@ class Resources:
             key = (kind, int(i))
             if key not in self._cache:
                 self._cache[key] = prepare_one(
-                    self.dataset.image(int(i)), clip=self.clip, kind=kind, masker=self.masker,
+                    self.dataset.image(int(i)), clip=self.clip, kind=kind,
+                    masker=self.masker if kind != "plain" else None,  # plain methods never load SAM 2
                     style=options.overlay, max_area_fraction=options.max_area_fraction, transform=self._transform,
                 )  # fmt: skip
             items.append(self._cache[key])
