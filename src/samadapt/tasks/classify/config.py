@@ -69,6 +69,12 @@ class ClassifyConfig(EncoderRunConfig):
             raise ValueError("must be >= 1")
         return value
 
+    @field_validator("sam_feature", "slca_stages", mode="before")
+    @classmethod
+    def _block_index_as_text(cls, value: Any) -> Any:
+        """`sam_feature: 1` / `slca_stages: 2` in a YAML file are block indices, as `--sam-feature 1` is."""
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
     @field_validator("label_fraction")
     @classmethod
     def _fraction(cls, value: float) -> float:
