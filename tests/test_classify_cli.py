@@ -39,7 +39,7 @@ def slca_run(lesions, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run") / "slca"
     rc = main([
         "train", "--task", "classify", "--data", str(lesions), "--method", "slca", "--backbone", "resnet18",
-        *TINY, "--image-size", "48", "--epochs", "10", "--batch-size", "20", "--lr", "2e-3", "--slca-window", "2",
+        *TINY, "--backbone-image-size", "48", "--epochs", "10", "--batch-size", "20", "--lr", "2e-3", "--slca-window", "2",
         "--store", str(out.parent / "store"), "--out", str(out),
     ])  # fmt: skip
     assert rc == 0
@@ -84,7 +84,7 @@ def test_training_is_deterministic_and_config_file_works(lesions, tmp_path, meth
     flips applied to image and SAM grid)."""
     config = tmp_path / "cfg.yaml"
     config.write_text(
-        f"task: classify\ndata: {lesions}\nmethod: {method}\nbackbone: resnet18\nimage-size: 32\nepochs: 2\n"
+        f"task: classify\ndata: {lesions}\nmethod: {method}\nbackbone: resnet18\nbackbone-image-size: 32\nepochs: 2\n"
         f"batch_size: 16\nlabel_fraction: 0.3\n{extra}"
     )
     for name in ("a", "b"):
@@ -107,31 +107,43 @@ def test_sweep_table_plot_and_resume(lesions, tmp_path):
         f"task: classify\ndata: {lesions}\nmethods: [slca, baseline, linear-probe]\nlabel-fractions: [0.2, 1.0]\n"
     )
     args = [
-        "sweep", "--config", str(config), "--seeds", "1", "--backbone", "resnet18", *TINY, "--image-size", "32",
+        "sweep", "--config", str(config), "--seeds", "1", "--backbone", "resnet18", *TINY, "--backbone-image-size", "32",
         "--epochs", "1", "--slca-window", "2", "--out", str(out),
     ]  # fmt: skip
     assert main(args) == 0
     rows = read_csv_rows(out / "results.csv")
-    assert sorted((r["method"], float(r["fraction"])) for r in rows) == sorted(
+    assert sorted((r["method"], float(r["budget"])) for r in rows) == sorted(
         (m, f) for m in ("slca", "baseline", "linear-probe") for f in (0.2, 1.0)
     )
-    assert {"seed", "accuracy", "auc", "balanced_accuracy", "f1_macro"} <= set(rows[0])
+    assert list(rows[0])[:6] == ["method", "budget", "seed", "n_train", "run", "seconds"]
+    assert {"accuracy", "auc", "balanced_accuracy", "f1_macro"} <= set(rows[0])
     summary = (out / "summary.md").read_text()
-    assert "| method | fraction | n | accuracy |" in summary and "±" in summary
+    assert "| method | budget | n | accuracy |" in summary and "±" in summary
     with Image.open(out / "label_efficiency.png") as im:
         assert im.format == "PNG"
     assert (out / "report.html").is_file()
     # resume: finished runs are kept, a lost one and a half-written one are redone
-    kept = (out / "runs" / "slca_f1_s0" / "model.safetensors").stat().st_mtime_ns
-    shutil.rmtree(out / "runs" / "baseline_f0.2_s0")
-    (out / "runs" / ".linear-probe_f1_s0.partial").mkdir()
-    (out / "runs" / "linear-probe_f1_s0" / "metrics.json").unlink()
+    kept = (out / "runs" / "slca_b1_s0" / "model.safetensors").stat().st_mtime_ns
+    shutil.rmtree(out / "runs" / "baseline_b0.2_s0")
+    (out / "runs" / ".linear-probe_b1_s0.partial").mkdir()
+    (out / "runs" / "linear-probe_b1_s0" / "metrics.json").unlink()
     assert main(args) == 0
-    assert (out / "runs" / "slca_f1_s0" / "model.safetensors").stat().st_mtime_ns == kept
-    assert (out / "runs" / "baseline_f0.2_s0" / "metrics.json").is_file()
-    assert (out / "runs" / "linear-probe_f1_s0" / "metrics.json").is_file()
-    assert not (out / "runs" / ".linear-probe_f1_s0.partial").exists()
+    assert (out / "runs" / "slca_b1_s0" / "model.safetensors").stat().st_mtime_ns == kept
+    assert (out / "runs" / "baseline_b0.2_s0" / "metrics.json").is_file()
+    assert (out / "runs" / "linear-probe_b1_s0" / "metrics.json").is_file()
+    assert not (out / "runs" / ".linear-probe_b1_s0.partial").exists()
     assert len(read_csv_rows(out / "results.csv")) == 6
+
+
+def test_deprecated_image_size_flag_still_works_and_names_the_new_flag(tmp_path, monkeypatch):
+    import samadapt.engine.lifecycle as lifecycle
+
+    seen = {}
+    monkeypatch.setattr(lifecycle, "execute_run", lambda task, cfg, **kw: seen.setdefault("cfg", cfg) and {})
+    argv = ["train", "--task", "classify", "--data", "x", "--image-size", "96", "--out", str(tmp_path / "r")]
+    with pytest.warns(FutureWarning, match="--image-size is deprecated; use --backbone-image-size"):
+        assert main(argv) == 0
+    assert seen["cfg"].backbone_image_size == 96 and seen["cfg"].encoder_image_size is None
 
 
 def test_bad_flags_raise_one_line_errors(lesions, tmp_path, capsys):
@@ -141,7 +153,7 @@ def test_bad_flags_raise_one_line_errors(lesions, tmp_path, capsys):
         )
         == 2
     )
-    assert "--method 'svm'" in capsys.readouterr().err
+    assert "command line: --method = 'svm': Input should be 'slca'" in capsys.readouterr().err
     assert (
         main(["train", "--task", "classify", "--data", str(tmp_path / "none.npz"), "--out", str(tmp_path)])
         == 2
@@ -158,7 +170,7 @@ def test_ddp_two_cpu_processes(lesions, tmp_path):
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
         "-m", "samadapt", "train", "--task", "classify", "--data", str(lesions), "--method", "slca",
-        "--backbone", "resnet18", *TINY, "--image-size", "32", "--epochs", "2", "--batch-size", "12",
+        "--backbone", "resnet18", *TINY, "--backbone-image-size", "32", "--epochs", "2", "--batch-size", "12",
         "--slca-window", "2", "--label-fraction", "0.5", "--out", str(tmp_path / "ddp"),
     ]  # fmt: skip
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -199,10 +211,19 @@ def _predict_error(run: Path, tmp_path: Path, capsys) -> str:
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda text: text.replace("class_names:", "names:"), r"config\.yaml: missing key\(s\) class_names"),
-        (lambda text: text.replace("method: linear-probe\n", ""), r"config\.yaml: missing key\(s\) method"),
-        (lambda text: text.replace("epochs: 1\n", "epochs: many\n"), r"config\.yaml: .*wrong type"),
-        (lambda text: text.replace("lr: 0.0003\n", "lr: .nan\n"), r"config\.yaml: --lr must be a finite"),
+        (
+            lambda text: text.replace("class_names:", "names:"),
+            r"config\.yaml: recorded\.class_names must list",
+        ),
+        (lambda text: text.replace("method: linear-probe\n", ""), r"config\.yaml: missing key\(s\) 'method'"),
+        (
+            lambda text: text.replace("epochs: 1\n", "epochs: many\n"),
+            r"config\.yaml: key 'epochs' = 'many': .*integer",
+        ),
+        (
+            lambda text: text.replace("lr: 0.0003\n", "lr: .nan\n"),
+            r"config\.yaml: key 'lr' = nan: must be a finite",
+        ),
         (lambda text: text + "surprise: 1\n", r"config\.yaml: unknown classify setting"),
         (lambda text: "task: classify\n- a list\n", r"config\.yaml: not valid YAML"),
     ],

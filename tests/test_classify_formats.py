@@ -71,7 +71,7 @@ def test_format_trains(make, method, classes, tmp_path):
     out = tmp_path / "run"
     rc = main([
         "train", "--task", "classify", "--data", str(data), "--method", method, "--backbone", "resnet18", *TINY,
-        "--image-size", "32", "--epochs", "1", "--batch-size", "8", "--slca-window", "2", "--out", str(out),
+        "--backbone-image-size", "32", "--epochs", "1", "--batch-size", "8", "--slca-window", "2", "--out", str(out),
     ])  # fmt: skip
     assert rc == 0
     metrics = json.loads((out / "metrics.json").read_text())

@@ -61,7 +61,7 @@ def test_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):
     data = _tiny_npz(tmp_path / "ok.npz")  # valid data, so the checkpoint is what fails
     code = main(
         ["embed", "--encoder", "sam_vit_b", "--checkpoint", str(tmp_path / "nope.pth"), "--data", str(data),
-         "--cache", str(tmp_path / "cache")]
+         "--store", str(tmp_path / "cache")]
     )  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2
@@ -71,13 +71,13 @@ def test_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):
 
 def test_embed_shows_a_progress_bar_and_takes_every_documented_flag(tmp_path, capsys):
     data = _tiny_npz(tmp_path / "ok.npz")
-    argv = ["embed", "--encoder", "sam_vit_b", "--arch", "tiny", "--data", str(data), "--cache",
-            str(tmp_path / "cache"), "--precision", "bf16", "--image-size", "64", "--batch-size", "2"]  # fmt: skip
+    argv = ["embed", "--encoder", "sam_vit_b", "--arch", "tiny", "--data", str(data), "--store",
+            str(tmp_path / "cache"), "--precision", "bf16", "--encoder-image-size", "64", "--batch-size", "2"]  # fmt: skip
     assert main(argv) == 0
     captured = capsys.readouterr()
     assert "6/6" in captured.err  # tqdm's bar, on stderr
     assert "computed 6" in captured.out and "bf16, 64px" in captured.out
-    argv[argv.index("--cache") + 1] = str(tmp_path / "cache2")  # compute again, this time without a bar
+    argv[argv.index("--store") + 1] = str(tmp_path / "cache2")  # compute again, this time without a bar
     assert main([*argv, "--no-progress"]) == 0
     captured = capsys.readouterr()
     assert "computed 6" in captured.out and "6/6" not in captured.err
@@ -88,7 +88,7 @@ def test_demo_quick_runs_all_three_tasks(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
     assert "tiny random-weight sam_vit_b" in out
-    for report in ("classify/report.html", "segment/results.md", "fewshot/report.html"):
+    for report in ("classify/report.html", "segment/summary.md", "fewshot/report.html"):
         assert (tmp_path / "demo" / report).is_file(), report
     assert "slca" in (tmp_path / "demo" / "classify" / "summary.md").read_text()
 
@@ -96,8 +96,8 @@ def test_demo_quick_runs_all_three_tasks(tmp_path, capsys):
 @pytest.mark.parametrize("layers", ["foo", "neck", "2,fpn0"])
 def test_embed_layer_names_for_a_sam_vit_are_a_one_line_error(tmp_path, capsys, layers):
     data = _tiny_npz(tmp_path / "ok.npz")
-    argv = ["embed", "--encoder", "sam_vit_b", "--arch", "tiny", "--data", str(data), "--cache",
-            str(tmp_path / "cache"), "--image-size", "64", "--layers", layers, "--no-progress"]  # fmt: skip
+    argv = ["embed", "--encoder", "sam_vit_b", "--arch", "tiny", "--data", str(data), "--store",
+            str(tmp_path / "cache"), "--encoder-image-size", "64", "--layers", layers, "--no-progress"]  # fmt: skip
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("samadapt: error: --layers: sam_vit_b layers are transformer block indices")
@@ -105,23 +105,37 @@ def test_embed_layer_names_for_a_sam_vit_are_a_one_line_error(tmp_path, capsys, 
 
 
 def test_a_flag_on_the_command_line_beats_the_config_file_even_at_its_default(tmp_path, monkeypatch):
-    import samadapt.tasks.classify.cli as classify_cli
-
-    from samadapt.tasks.classify.config import config_from_args
+    import samadapt.engine.lifecycle as lifecycle
+    from samadapt.tasks.classify.config import ClassifyConfig
 
     seen = {}
 
-    def fake_train(args):  # stop before any data is read: what matters is the merged configuration
-        seen["cfg"] = config_from_args(classify_cli._merge(args, classify_cli.add_train_arguments))
-        return 0
+    def fake_execute_run(
+        task, cfg, **kwargs
+    ):  # stop before any data is read: the merged configuration matters
+        seen["cfg"] = cfg
+        return {}
 
-    monkeypatch.setattr(classify_cli, "train", fake_train)
+    monkeypatch.setattr(lifecycle, "execute_run", fake_execute_run)
     (tmp_path / "c.yaml").write_text("task: classify\nepochs: 7\nlr: 0.5\nseed: 3\n")
-    default_epochs = classify_cli.ClassifyConfig().epochs
+    default_epochs = ClassifyConfig().epochs
     argv = ["train", "--config", str(tmp_path / "c.yaml"), "--epochs", str(default_epochs), "--data", "x"]
     assert main([*argv, "--out", str(tmp_path / "run")]) == 0
     cfg = seen["cfg"]
     assert cfg.epochs == default_epochs and cfg.lr == 0.5 and cfg.seed == 3
+    assert cfg.out == str(tmp_path / "run") and cfg.data == "x"
+
+
+def test_deprecated_embed_flags_still_work_and_name_the_new_flag(tmp_path, capsys):
+    data = _tiny_npz(tmp_path / "ok.npz")
+    argv = ["embed", "--encoder", "sam_vit_b", "--arch", "tiny", "--data", str(data), "--cache",
+            str(tmp_path / "cache"), "--image-size", "64", "--no-progress"]  # fmt: skip
+    with pytest.warns(FutureWarning) as caught:
+        assert main(argv) == 0
+    messages = [str(w.message) for w in caught]
+    assert any("--cache" in m and "--store" in m for m in messages), messages
+    assert any("--image-size" in m and "--encoder-image-size" in m for m in messages), messages
+    assert "computed 6" in capsys.readouterr().out and (tmp_path / "cache").is_dir()
 
 
 def test_embed_data_format_reads_patient_subfolders_as_unlabelled_images(tmp_path, capsys):
@@ -134,9 +148,41 @@ def test_embed_data_format_reads_patient_subfolders_as_unlabelled_images(tmp_pat
             Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8)).save(
                 tmp_path / "data" / patient / f"{i}.png"
             )
-    argv = ["embed", "--encoder", "sam_vit_b", "--arch", "tiny", "--image-size", "64", "--data",
-            str(tmp_path / "data"), "--cache", str(tmp_path / "cache"), "--no-progress"]  # fmt: skip
+    argv = ["embed", "--encoder", "sam_vit_b", "--arch", "tiny", "--encoder-image-size", "64", "--data",
+            str(tmp_path / "data"), "--store", str(tmp_path / "cache"), "--no-progress"]  # fmt: skip
     assert main([*argv, "--data-format", "images"]) == 0
     assert "4 images" in capsys.readouterr().out
     assert main([*argv, "--data-format", "medmnist"]) == 2  # forcing a wrong layout is a one-line error
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_deprecated_config_file_keys_still_work_and_name_the_new_key(tmp_path, monkeypatch):
+    """`image-size:` in a classify file and `heads:` in a segment sweep file: taken, with a warning naming the
+    new key (the run and the sweep themselves are stubbed out: the settings they receive are what matters)."""
+    import samadapt.engine.lifecycle as lifecycle
+    import samadapt.engine.sweep as sweep
+
+    seen = {}
+    monkeypatch.setattr(lifecycle, "execute_run", lambda task, cfg, **kw: seen.update(cfg=cfg) or {})
+
+    def fake_sweep(task, base, axes, **kwargs):
+        seen.update(base=base, axes=axes)
+        return tmp_path / "report.html"
+
+    monkeypatch.setattr(sweep, "run_sweep", fake_sweep)
+    (tmp_path / "c.yaml").write_text("task: classify\ndata: x\nimage-size: 96\n")
+    with pytest.warns(FutureWarning, match="'image_size' is deprecated; use 'backbone_image_size'"):
+        assert main(["train", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "run")]) == 0
+    assert seen["cfg"].backbone_image_size == 96
+    (tmp_path / "s.yaml").write_text(
+        "task: segment\ndata: x\nheads: [linear, unet]\ntrain-volumes: [1, all]\n"
+    )
+    with pytest.warns(FutureWarning, match="'heads' is deprecated; use 'methods'"):
+        assert (
+            main(
+                ["sweep", "--config", str(tmp_path / "s.yaml"), "--seeds", "2", "--out", str(tmp_path / "s")]
+            )
+            == 0
+        )
+    assert seen["axes"]["method"] == ["linear", "unet"] and seen["axes"]["seed"] == [0, 1]
+    assert seen["axes"]["train_volumes"] == [1, "all"] and seen["base"].out == str(tmp_path / "s")

@@ -32,7 +32,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.filterwarnings("ignore::samadapt.enco
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 EMBED = ["embed", "--encoder", "sam_vit_b", "--arch", "tiny", "--no-progress"]
-SEGMENT = ["--encoder", "sam_vit_b", "--encoder-arch", "tiny", "--image-size", "64", "--batch-size", "4",
+SEGMENT = ["--encoder", "sam_vit_b", "--encoder-arch", "tiny", "--encoder-image-size", "64", "--batch-size", "4",
            "--aug-views", "1", "--unet-channels", "4,8", "--no-progress"]  # fmt: skip
 
 
@@ -86,13 +86,13 @@ def store_contents(root: Path) -> dict[str, np.ndarray]:
 def test_store_survives_repeated_kill_9_and_the_last_rerun_equals_a_clean_run(tmp_path, capsys) -> None:
     data = tmp_path / "data.npz"
     np.savez(data, **medmnist_arrays(n=8, seed=3))  # 24 images
-    flags = ["--data", str(data), "--image-size", "256", "--batch-size", "1", "--layers", "1"]
+    flags = ["--data", str(data), "--encoder-image-size", "256", "--batch-size", "1", "--layers", "1"]
     killed = tmp_path / "killed"
     counts = []
     for stop_after in (1, 5):  # each run is killed once the store has `stop_after` more committed entries
         target = store_entries(killed) + stop_after
         kill_when(
-            start([*EMBED, *flags, "--cache", str(killed)]), lambda n=target: store_entries(killed) >= n
+            start([*EMBED, *flags, "--store", str(killed)]), lambda n=target: store_entries(killed) >= n
         )
         counts.append(store_entries(killed))
         readable = store_contents(killed)  # every committed entry is readable right after a kill
@@ -100,9 +100,9 @@ def test_store_survives_repeated_kill_9_and_the_last_rerun_equals_a_clean_run(tm
     assert 0 < counts[0] < counts[1] < 2 * 24, counts
 
     with one_thread():
-        assert main([*EMBED, *flags, "--cache", str(killed)]) == 0
+        assert main([*EMBED, *flags, "--store", str(killed)]) == 0
         assert f"computed {24 - counts[1] // 2}, reused {counts[1] // 2}" in capsys.readouterr().out
-        assert main([*EMBED, *flags, "--cache", str(tmp_path / "clean")]) == 0
+        assert main([*EMBED, *flags, "--store", str(tmp_path / "clean")]) == 0
     resumed, clean = store_contents(killed), store_contents(tmp_path / "clean")
     assert resumed.keys() == clean.keys() and len(clean) == 2 * 24  # neck + layer 1 per image
     for key, value in clean.items():
@@ -119,8 +119,8 @@ def volumes(tmp_path_factory) -> Path:
 
 def _sweep_config(path: Path, data: Path, out: Path) -> Path:
     config = {"task": "segment", "data": str(data), "encoder": "sam_vit_b", "encoder-arch": "tiny",
-              "image-size": 64, "epochs": 2, "batch-size": 4, "aug-views": 1, "unet-channels": "4,8",
-              "heads": "linear,unet", "train-volumes": "1", "seeds": "0", "no-progress": True, "out": str(out)}  # fmt: skip
+              "encoder-image-size": 64, "epochs": 2, "batch-size": 4, "aug-views": 1, "unet-channels": "4,8",
+              "methods": "linear,unet", "train-volumes": "1", "seeds": 1, "progress": False, "out": str(out)}  # fmt: skip
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -137,7 +137,7 @@ def _run_metrics(sweep: Path) -> dict[str, dict]:
 def _head_weights(run: Path) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
-    return load_file(str(run / "head.safetensors"))
+    return load_file(str(run / "model.safetensors"))
 
 
 def test_kill_9_during_sweep_then_rerun_equals_an_uninterrupted_sweep(volumes, tmp_path) -> None:
@@ -165,20 +165,20 @@ def test_kill_9_during_sweep_then_rerun_equals_an_uninterrupted_sweep(volumes, t
 
 def test_kill_9_during_train_leaves_nothing_that_looks_complete(volumes, tmp_path) -> None:
     run, store = tmp_path / "run", tmp_path / "store"
-    argv = ["train", "--task", "segment", "--data", str(volumes), "--head", "linear", *SEGMENT,
+    argv = ["train", "--task", "segment", "--data", str(volumes), "--method", "linear", *SEGMENT,
             "--epochs", "400", "--store", str(store), "--out", str(run)]  # fmt: skip
     process = start(argv)
     kill_when(process, lambda: store_entries(store) > 0, delay=1.0)  # embeddings written: now it trains
-    assert not (run / "metrics.json").exists() and not (run / "head.safetensors").exists()
-    assert not (run / "config.yaml").exists(), "predict would take a half-written run for a trained one"
+    assert not run.exists(), "predict would take a half-written run for a trained one"
+    assert (tmp_path / ".run.partial").is_dir() and not (tmp_path / ".run.partial" / "metrics.json").exists()
 
 
 TRAIN_RESUME = {
-    "segment": lambda data, out: ["train", "--task", "segment", "--data", str(data), "--head", "linear", *SEGMENT,
+    "segment": lambda data, out: ["train", "--task", "segment", "--data", str(data), "--method", "linear", *SEGMENT,
                                   "--epochs", "40", "--store", str(out / "store"), "--out", str(out / "run")],
     # a network method: the linear probe has no epochs (nothing to resume) and would pass trivially
     "classify": lambda data, out: ["train", "--task", "classify", "--data", str(data), "--method", "slca",
-                                   "--backbone", "resnet18", "--image-size", "32", "--batch-size", "8",
+                                   "--backbone", "resnet18", "--backbone-image-size", "32", "--batch-size", "8",
                                    "--slca-window", "2", "--encoder-arch", "tiny", "--encoder-image-size", "64",
                                    "--epochs", "30", "--patience", "30", "--no-progress", "--store",
                                    str(out / "store"), "--out", str(out / "run")],
@@ -186,9 +186,6 @@ TRAIN_RESUME = {
     **{f"fewshot-{method}": (lambda data, out, m=method: _fewshot_train(data, out, m))
        for method in ("medfocus", "coop", "tip-adapter-f")},
 }  # fmt: skip
-WEIGHTS = {"segment": "head.safetensors", "classify": "model.safetensors"} | {
-    name: "model.safetensors" for name in TRAIN_RESUME if name.startswith("fewshot")
-}
 
 
 def _fewshot_train(data: Path, out: Path, method: str) -> list[str]:
@@ -222,9 +219,9 @@ def test_kill_9_during_train_then_resume_equals_an_uninterrupted_run(volumes, tm
             _fewshot_models(tmp_path)
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     process = start(TRAIN_RESUME[task](data, killed))
-    state = killed / "run" / ".resume" / "state.json"
+    state = killed / ".run.partial" / ".resume" / "state.json"
     kill_when(process, state.exists, delay=0.3)  # at least one finished epoch saved, training still going
-    assert not (killed / "run" / "metrics.json").exists()
+    assert not (killed / "run").exists()
     epoch_at_kill = json.loads(state.read_text())["epoch"]
     resumed = subprocess.run(
         [sys.executable, "-m", "samadapt", *TRAIN_RESUME[task](data, killed), "--resume"],
@@ -234,7 +231,10 @@ def test_kill_9_during_train_then_resume_equals_an_uninterrupted_run(volumes, tm
     assert re.search(r"resuming .* after epoch \d+", resumed.stderr), (
         "the rerun must continue, not start over"
     )
-    assert not state.parent.exists(), "a finished run drops its resume state"
+    assert not state.parent.exists() and not (killed / "run" / ".resume").exists(), (
+        "a finished run drops its resume state"
+    )
+    assert not (killed / ".run.partial").exists()
     done = subprocess.run(
         [sys.executable, "-m", "samadapt", *TRAIN_RESUME[task](data, clean)],
         env=ENV, capture_output=True, text=True, timeout=300,
@@ -242,8 +242,8 @@ def test_kill_9_during_train_then_resume_equals_an_uninterrupted_run(volumes, tm
     assert done.returncode == 0, done.stderr
     a, b = (json.loads((r / "run" / "metrics.json").read_text()) for r in (killed, clean))
     assert _timeless(a) == _timeless(b), f"killed after epoch {epoch_at_kill}"
-    for name, tensor in _weights(clean / "run" / WEIGHTS[task]).items():
-        np.testing.assert_array_equal(_weights(killed / "run" / WEIGHTS[task])[name], tensor)
+    for name, tensor in _weights(clean / "run" / "model.safetensors").items():
+        np.testing.assert_array_equal(_weights(killed / "run" / "model.safetensors")[name], tensor)
 
 
 def _timeless(metrics: dict) -> dict:
@@ -261,8 +261,8 @@ def _weights(path: Path) -> dict[str, np.ndarray]:
 
 def _classify_sweep_config(path: Path, data: Path, out: Path) -> Path:
     config = {"task": "classify", "data": str(data), "methods": "baseline", "label-fractions": "0.5,1.0",
-              "seeds": 1, "backbone": "resnet18", "image-size": 32, "batch-size": 8, "epochs": 4,
-              "encoder-arch": "tiny", "encoder-image-size": 64, "no-progress": True, "store": str(out / "store"),
+              "seeds": 1, "backbone": "resnet18", "backbone-image-size": 32, "batch-size": 8, "epochs": 4,
+              "encoder-arch": "tiny", "encoder-image-size": 64, "progress": False, "store": str(out / "store"),
               "out": str(out)}  # fmt: skip
     path.write_text(yaml.safe_dump(config))
     return path
@@ -308,7 +308,7 @@ def test_kill_9_during_classify_sweep_then_rerun_equals_an_uninterrupted_sweep(t
 def _fewshot_sweep_config(path: Path, data: Path, clip: tuple[Path, Path], out: Path) -> Path:
     config = {"task": "fewshot", "data": str(data), "clip": str(clip[0]), "clip-checkpoint": str(clip[1]),
               "methods": "clip-finetune", "data-fraction": "0.5,1.0", "seeds": "1", "epochs": 40, "patience": 40,
-              "batch-size": 4, "no-progress": True, "out": str(out)}  # fmt: skip
+              "batch-size": 4, "progress": False, "out": str(out)}  # fmt: skip
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -321,8 +321,8 @@ def test_kill_9_during_fewshot_sweep_then_rerun_equals_an_uninterrupted_sweep(tm
     clip = write_tiny_clip(tmp_path)
     killed = tmp_path / "killed"
     config = _fewshot_sweep_config(tmp_path / "killed.yaml", data, clip, killed)
-    kill_when(start(["sweep", "--config", str(config)]), lambda: any(killed.glob("*/*/seed0/metrics.json")))
-    assert len(list(killed.glob("*/*/seed0/metrics.json"))) == 1, "the kill must land during the sweep"
+    kill_when(start(["sweep", "--config", str(config)]), lambda: any(killed.glob("runs/*/metrics.json")))
+    assert len(list(killed.glob("runs/*/metrics.json"))) == 1, "the kill must land during the sweep"
 
     with one_thread():
         assert main(["sweep", "--config", str(config)]) == 0
@@ -334,7 +334,11 @@ def test_kill_9_during_fewshot_sweep_then_rerun_equals_an_uninterrupted_sweep(tm
             == 0
         )
     assert _sweep_rows(killed) == _sweep_rows(clean) and len(_sweep_rows(clean)) == 2
-    for done in clean.glob("*/*/seed0/metrics.json"):
+    assert sorted(p.parent.name for p in clean.glob("runs/*/metrics.json")) == [
+        "clip-finetune_b0.5_s0",
+        "clip-finetune_b1_s0",
+    ]
+    for done in clean.glob("runs/*/metrics.json"):
         a = json.loads((killed / done.relative_to(clean)).read_text())
         assert _timeless(a) == _timeless(json.loads(done.read_text())), done.parent
 
@@ -346,10 +350,11 @@ class _Interrupted(Exception):
 def _fit_toy(run: Path, *, epochs: int, resume: bool, die_after: int | None = None, lr: float = 0.05):
     """A tiny model whose data draws from the global torch RNG and the loader's generator, with dropout, a
     scheduler and early stopping: every piece of state `fit` must carry over."""
+    from samadapt.engine.lifecycle import _start
     from samadapt.training import EarlyStopping, fit, seed_everything
-    from samadapt.training.resume import resume_dir, start_run
+    from samadapt.training.resume import resume_dir
 
-    start_run(run, resume=resume)
+    _start(run, resume=resume)  # the run lifecycle's first step: keep the resume state only under --resume
     generator = seed_everything(3)
     x, y = torch.randn(20, 4), torch.randint(2, (20,))
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.3), torch.nn.Linear(8, 2))
@@ -397,28 +402,27 @@ def test_fit_resumes_to_the_same_history_and_weights(tmp_path, caplog) -> None:
 # ---- retraining into a finished run folder ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("resume", [False, True])
-def test_start_run_drops_a_finished_runs_outputs(tmp_path, caplog, resume: bool) -> None:
-    from samadapt.training.resume import RUN_OUTPUTS, start_run
+def test_publishing_a_new_run_replaces_the_old_outputs_and_keeps_the_users_files(tmp_path) -> None:
+    from samadapt.engine.lifecycle import RUN_OUTPUTS, partial_dir, publish
 
     run = tmp_path / "run"
     (run / "mask_cache").mkdir(parents=True)
-    for name in (*RUN_OUTPUTS, "notes.txt"):
+    for name in (*RUN_OUTPUTS, "notes.txt", "old_extra.png"):
         (run / name).write_text("old")
-    with caplog.at_level("WARNING"):
-        start_run(run, resume=resume)
-    assert "outputs of an earlier run" in caplog.text
-    assert not any((run / name).exists() for name in RUN_OUTPUTS)
-    assert (run / "notes.txt").is_file() and (run / "mask_cache").is_dir(), "only the run's own outputs go"
-
-
-def test_start_run_keeps_a_lone_config_yaml(tmp_path) -> None:
-    """Without weights or metrics beside it, config.yaml mismatches nothing (and may be the user's --config)."""
-    from samadapt.training.resume import start_run
-
-    (tmp_path / "config.yaml").write_text("task: classify\n")
-    start_run(tmp_path, resume=False)
-    assert (tmp_path / "config.yaml").is_file()
+    (run / ".run-files").write_text("\n".join([*RUN_OUTPUTS, "old_extra.png"]) + "\n")
+    new = partial_dir(run)
+    new.mkdir()
+    for name in ("metrics.json", "config.yaml", "model.safetensors"):
+        (new / name).write_text("new")
+    publish(new, run)
+    assert not new.exists() and not (tmp_path / ".run.old").exists()
+    assert {n: (run / n).read_text() for n in ("metrics.json", "config.yaml", "model.safetensors")} == {
+        "metrics.json": "new",
+        "config.yaml": "new",
+        "model.safetensors": "new",
+    }
+    assert not (run / "old_extra.png").exists() and not (run / "report.html").exists(), "old outputs go"
+    assert (run / "notes.txt").read_text() == "old" and (run / "mask_cache").is_dir(), "the user's files stay"
 
 
 def test_kill_9_while_retraining_a_finished_run_leaves_no_stale_outputs(tmp_path) -> None:
@@ -432,22 +436,20 @@ def test_kill_9_while_retraining_a_finished_run_leaves_no_stale_outputs(tmp_path
     assert finished.returncode == 0, finished.stderr
     run = tmp_path / "run"
     assert (run / "metrics.json").is_file() and (run / "model.safetensors").is_file()
-    state = run / ".resume" / "state.json"
+    before = {
+        name: (run / name).read_bytes() for name in ("metrics.json", "config.yaml", "model.safetensors")
+    }
+    state = tmp_path / ".run.partial" / ".resume" / "state.json"
     kill_when(start([*argv, "--seed", "1"]), state.exists)  # retrain with another seed, killed mid-training
-    left = {p.name for p in run.iterdir()}
-    assert not left & {
-        "metrics.json",
-        "config.yaml",
-        "model.safetensors",
-        "report.html",
-        "predictions.csv",
-    }, left
+    # the finished run stays whole (config, weights and metrics of one training), the new one stays hidden
+    assert {name: (run / name).read_bytes() for name in before} == before
+    assert not (tmp_path / ".run.partial" / "metrics.json").exists()
 
 
 @pytest.mark.parametrize("task", ["segment", "classify"])
 def test_retraining_with_bad_data_keeps_the_finished_run(tmp_path, capsys, task: str) -> None:
     """Outputs of a finished run go only once the new run's data has been read: a typo in --data loses nothing."""
-    from samadapt.training.resume import RUN_OUTPUTS
+    from samadapt.engine.lifecycle import RUN_OUTPUTS
 
     run = tmp_path / "run"
     run.mkdir()
@@ -455,7 +457,10 @@ def test_retraining_with_bad_data_keeps_the_finished_run(tmp_path, capsys, task:
         (run / name).write_text("finished")
     empty = tmp_path / "empty"
     empty.mkdir()
-    flags = {"segment": ["--head", "linear", *SEGMENT], "classify": ["--method", "baseline", "--no-progress"]}
+    flags = {
+        "segment": ["--method", "linear", *SEGMENT],
+        "classify": ["--method", "baseline", "--no-progress"],
+    }
     assert main(["train", "--task", task, "--data", str(empty), *flags[task], "--out", str(run)]) == 2
     assert "empty" in capsys.readouterr().err
     assert all((run / name).read_text() == "finished" for name in RUN_OUTPUTS)

@@ -70,7 +70,7 @@ def test_cache_hits_and_misses_with_the_real_encoder(tmp_path, capsys):
     ckpt_b = _save_official_tiny_checkpoint(tmp_path / "b.pth", seed=2)
     cache = str(tmp_path / "cache")
     # fp32 explicitly: the default (auto) is bf16 on CPUs with native bf16, and bf16 is a separate miss below
-    common = ["--data", data, "--cache", cache, "--image-size", "64", "--precision", "fp32"]
+    common = ["--data", data, "--store", cache, "--encoder-image-size", "64", "--precision", "fp32"]
 
     out = embed(capsys, *common, "--checkpoint", str(ckpt_a), "--layers", "1,3")
     assert (
@@ -82,7 +82,7 @@ def test_cache_hits_and_misses_with_the_real_encoder(tmp_path, capsys):
     assert "computed 6" in embed(capsys, *common, "--checkpoint", str(ckpt_b))  # another checkpoint: miss
     assert "computed 6" in embed(capsys, *common, "--checkpoint", str(ckpt_a), "--precision", "bf16")
     assert "computed 6" in embed(
-        capsys, "--data", data, "--cache", cache, "--image-size", "128", "--checkpoint", str(ckpt_a)
+        capsys, "--data", data, "--store", cache, "--encoder-image-size", "128", "--checkpoint", str(ckpt_a)
     )
     assert "computed 6" in embed(capsys, *common)  # random weights
     assert "reused 6" in embed(capsys, *common, "--checkpoint", str(ckpt_b), "--batch-size", "3")
@@ -108,13 +108,15 @@ def test_cache_hits_and_misses_with_the_real_encoder(tmp_path, capsys):
 
 def test_bad_input_is_one_line_error(tmp_path, capsys):
     data = str(write_npz(tmp_path / "tiny.npz", n_train=1))
-    assert main(["embed", *TINY, "--data", data, "--cache", str(tmp_path / "c"), "--layers", "1,,3"]) == 2
-    assert main(["embed", *TINY, "--data", data, "--cache", str(tmp_path / "c"), "--batch-size", "0"]) == 2
+    assert main(["embed", *TINY, "--data", data, "--store", str(tmp_path / "c"), "--layers", "1,,3"]) == 2
+    assert main(["embed", *TINY, "--data", data, "--store", str(tmp_path / "c"), "--batch-size", "0"]) == 2
     (tmp_path / "file").write_text("not a store")
-    assert main(["embed", *TINY, "--data", data, "--cache", str(tmp_path / "file")]) == 2
+    assert main(["embed", *TINY, "--data", data, "--store", str(tmp_path / "file")]) == 2
+    assert main(["embed", *TINY, "--data", data]) == 2  # no store named
     errors = capsys.readouterr().err.strip().splitlines()
-    assert [line.startswith("samadapt: error:") for line in errors] == [True] * 3
+    assert [line.startswith("samadapt: error:") for line in errors] == [True] * 4
     assert "--layers" in errors[0] and "--batch-size" in errors[1] and "found a file" in errors[2]
+    assert "--store DIR is required" in errors[3]
 
 
 def _entries(manifest: Path) -> int:
@@ -130,10 +132,10 @@ def _entries(manifest: Path) -> int:
 @pytest.mark.e2e
 def test_kill_9_during_embed_then_rerun_equals_uninterrupted_run(tmp_path, capsys):
     data = str(write_npz(tmp_path / "data.npz", n_train=36))  # 40 images
-    flags = ["--data", data, "--image-size", "256", "--batch-size", "2"]
+    flags = ["--data", data, "--encoder-image-size", "256", "--batch-size", "2"]
     killed = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "samadapt", "embed", *TINY, *flags, "--cache", str(killed)]
+    command = [sys.executable, "-m", "samadapt", "embed", *TINY, *flags, "--store", str(killed)]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while _entries(killed / "manifest.sqlite") == 0:  # kill -9 right after the first batch is committed
@@ -146,9 +148,9 @@ def test_kill_9_during_embed_then_rerun_equals_uninterrupted_run(tmp_path, capsy
     assert 0 < done < 40, "the kill must land during the run"
 
     with one_thread():
-        out = embed(capsys, *flags, "--cache", str(killed))
+        out = embed(capsys, *flags, "--store", str(killed))
         assert f"computed {40 - done}, reused {done}" in out
-        embed(capsys, *flags, "--cache", str(tmp_path / "clean"))
+        embed(capsys, *flags, "--store", str(tmp_path / "clean"))
     resumed, clean = store_contents(killed), store_contents(tmp_path / "clean")
     assert resumed.keys() == clean.keys() and len(clean) == 40
     for key, value in clean.items():

@@ -14,7 +14,7 @@ import torch
 from samadapt.cli.main import main
 from samadapt.store import open_store
 
-TINY = ["--encoder", "sam_vit_b", "--arch", "tiny", "--image-size", "64", "--no-progress"]
+TINY = ["--encoder", "sam_vit_b", "--arch", "tiny", "--encoder-image-size", "64", "--no-progress"]
 
 
 def _write_npz(path: Path, images: np.ndarray) -> Path:
@@ -39,8 +39,8 @@ def test_torchrun_two_ranks_equals_single_process(tmp_path, capsys):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the ranks run with OMP_NUM_THREADS=1; same threads, same bits
     try:
-        assert main(["embed", *TINY, "--data", str(full), "--cache", str(single), "--layers", "1"]) == 0
-        assert main(["embed", *TINY, "--data", str(part), "--cache", str(ranked), "--layers", "1"]) == 0
+        assert main(["embed", *TINY, "--data", str(full), "--store", str(single), "--layers", "1"]) == 0
+        assert main(["embed", *TINY, "--data", str(part), "--store", str(ranked), "--layers", "1"]) == 0
     finally:
         torch.set_num_threads(threads)
     capsys.readouterr()
@@ -54,7 +54,7 @@ def test_torchrun_two_ranks_equals_single_process(tmp_path, capsys):
         *TINY,
         "--data",
         str(full),
-        "--cache",
+        "--store",
         str(ranked),
         "--layers",
         "1",

@@ -39,7 +39,7 @@ def test_classify_sweep_encodes_each_image_once(tmp_path: Path, encoded_images: 
         f"task: classify\ndata: {data}\nmethods: [slca, linear-probe]\nlabel-fractions: [0.5, 1.0]\n"
     )
     argv = ["sweep", "--config", str(config), "--seeds", "2", "--backbone", "resnet18", *TINY,
-            "--encoder-image-size", "64", "--image-size", "32", "--epochs", "2", "--slca-window", "2",
+            "--encoder-image-size", "64", "--backbone-image-size", "32", "--epochs", "2", "--slca-window", "2",
             "--store", str(tmp_path / "store"), "--out", str(tmp_path / "sweep")]  # fmt: skip
     assert main(argv) == 0
     images = np.load(data)
@@ -53,7 +53,7 @@ def test_classify_sweep_encodes_each_image_once(tmp_path: Path, encoded_images: 
 
 def test_segmentation_epochs_never_run_the_encoder(tmp_path: Path, encoded_images: list[int]) -> None:
     volumes = write_volume_dataset(tmp_path / "volumes", cases=4, shape=(24, 24, 2))
-    argv = ["train", "--task", "segment", "--data", str(volumes), "--head", "linear", *TINY, "--image-size", "64",
+    argv = ["train", "--task", "segment", "--data", str(volumes), "--method", "linear", *TINY, "--encoder-image-size", "64",
             "--batch-size", "4", "--aug-views", "1", "--store", str(tmp_path / "store")]  # fmt: skip
     assert main([*argv, "--epochs", "1", "--out", str(tmp_path / "one")]) == 0
     once = sum(encoded_images)

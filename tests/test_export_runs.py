@@ -50,18 +50,25 @@ def test_classify_slca_export_equals_predict(tmp_path, images) -> None:
                  "--no-progress"]) == 0  # fmt: skip
     assert main(["export", "--run", str(run), "--out", str(tmp_path / "export")]) == 0
     manifest = json.loads((tmp_path / "export" / "export.json").read_text())
-    assert manifest["files"]["model.onnx"]["check"]["passed"] and manifest["files"]["encoder.onnx"]["check"]["passed"]
+    assert (
+        manifest["files"]["model.onnx"]["check"]["passed"]
+        and manifest["files"]["encoder.onnx"]["check"]["passed"]
+    )
     glue = manifest["glue"]
     arrays = [read_image(p) for p in sorted(images.glob("*.png"))]
     pixels = torch.stack([PREPROCESSORS["sam"](a, 64)[0] for a in arrays]).numpy()
     embedding = _session(tmp_path / "export" / "encoder.onnx").run(None, {"image": pixels})[0]
     windows = pooled_sam_features(embedding, window=2, pooling="avg", image_shapes=[a.shape[:2] for a in arrays],
                                   preprocessing="sam", input_size=64)  # fmt: skip
-    backbone = normalise(resize_for_backbone(arrays, 32), mean=glue["images"]["mean"], std=glue["images"]["std"])
+    backbone = normalise(
+        resize_for_backbone(arrays, 32), mean=glue["images"]["mean"], std=glue["images"]["std"]
+    )
     probs = _session(tmp_path / "export" / "model.onnx").run(
         None, {"images": backbone.numpy(), "sam_windows": windows.numpy()}
     )[0]
-    np.testing.assert_allclose(probs, _probs(tmp_path / "pred" / "predictions.csv", glue["class_names"]), atol=ATOL)
+    np.testing.assert_allclose(
+        probs, _probs(tmp_path / "pred" / "predictions.csv", glue["class_names"]), atol=ATOL
+    )
 
 
 def test_fewshot_export_equals_predict(tmp_path, images) -> None:
@@ -80,7 +87,9 @@ def test_fewshot_export_equals_predict(tmp_path, images) -> None:
     transform = load_clip(str(clip_config), clip_ckpt).transform()
     batch = torch.stack([transform(to_pil_rgb(read_image(p))) for p in sorted(images.glob("*.png"))]).numpy()
     probs = _session(tmp_path / "export" / "model.onnx").run(None, {"images": batch})[0]
-    np.testing.assert_allclose(probs, _probs(tmp_path / "pred" / "predictions.csv", ["band", "square"]), atol=ATOL)
+    np.testing.assert_allclose(
+        probs, _probs(tmp_path / "pred" / "predictions.csv", ["band", "square"]), atol=ATOL
+    )
 
 
 def test_segment_export_equals_predict(tmp_path) -> None:
@@ -99,16 +108,23 @@ def test_segment_export_equals_predict(tmp_path) -> None:
                  "--out", str(run)]) == 0  # fmt: skip
     volume_path = next((data / "patient004").glob("*_frame01.nii.gz"))
     out = tmp_path / "pred.nii.gz"
-    assert main(["predict", "--run", str(run), "--input", str(volume_path), "--out", str(out), "--no-progress"]) == 0
+    assert (
+        main(["predict", "--run", str(run), "--input", str(volume_path), "--out", str(out), "--no-progress"])
+        == 0
+    )
     assert main(["export", "--run", str(run), "--out", str(tmp_path / "export")]) == 0
     image, affine, spacing = read_volume_file(volume_path)
     slices, _ = volume_slices(Volume(image=image, label=None, affine=affine, spacing=spacing))
     pixels = torch.stack([PREPROCESSORS["sam"](s, 64)[0] for s in slices]).numpy()
     embedding = _session(tmp_path / "export" / "encoder.onnx").run(None, {"image": pixels})[0]
-    logits = torch.from_numpy(_session(tmp_path / "export" / "model.onnx").run(None, {"embedding": embedding})[0])
+    logits = torch.from_numpy(
+        _session(tmp_path / "export" / "model.onnx").run(None, {"embedding": embedding})[0]
+    )
     h, w, _ = image.shape
     side = max(h, w)
-    labels = F.interpolate(logits, size=(side, side), mode="bilinear", align_corners=False).argmax(1)[:, :h, :w]
+    labels = F.interpolate(logits, size=(side, side), mode="bilinear", align_corners=False).argmax(1)[
+        :, :h, :w
+    ]
     expected = np.asarray(nib.load(str(out)).dataobj)
     agree = float((np.moveaxis(labels.numpy(), 0, -1) == expected).mean())
     assert agree > 0.999, agree

@@ -40,9 +40,9 @@ from samadapt.store import open_store
 
 pytestmark = pytest.mark.filterwarnings("ignore::samadapt.encoders.RandomWeightsWarning")
 
-EMBED = ["embed", "--encoder", "sam_vit_b", "--arch", "tiny", "--image-size", "64", "--no-progress"]
-SEGMENT = ["train", "--task", "segment", "--head", "linear", "--encoder", "sam_vit_b", "--encoder-arch", "tiny",
-           "--image-size", "64", "--epochs", "1", "--batch-size", "4", "--no-progress"]  # fmt: skip
+EMBED = ["embed", "--encoder", "sam_vit_b", "--arch", "tiny", "--encoder-image-size", "64", "--no-progress"]
+SEGMENT = ["train", "--task", "segment", "--method", "linear", "--encoder", "sam_vit_b", "--encoder-arch", "tiny",
+           "--encoder-image-size", "64", "--epochs", "1", "--batch-size", "4", "--no-progress"]  # fmt: skip
 
 # Known gaps, each with the fix the lead should apply (then flip the mark). strict: a fix makes them XPASS-fail.
 IMAGE_XFAIL: dict[str, str] = {}
@@ -86,7 +86,7 @@ def assert_one_line_error(
 def test_bad_image_inputs_fail_with_one_line_and_write_nothing(tmp_path, capsys, case: Case) -> None:
     data, culprit = case.make(tmp_path)
     cache = tmp_path / "cache"
-    rc, _, err = run_cli(capsys, [*EMBED, "--data", str(data), "--cache", str(cache)])
+    rc, _, err = run_cli(capsys, [*EMBED, "--data", str(data), "--store", str(cache)])
     assert_one_line_error(rc, err, culprit, case.message)
     assert not cache.exists(), "a refused dataset must not leave a store behind"
 
@@ -120,7 +120,7 @@ def test_structure_absent_from_every_volume_is_reported_not_a_crash(tmp_path, ca
 def test_unusual_but_valid_images_are_converted_and_embedded(tmp_path, capsys) -> None:
     files = unusual_but_valid_images(tmp_path / "images")
     cache = tmp_path / "cache"
-    rc, out, err = run_cli(capsys, [*EMBED, "--data", str(tmp_path / "images"), "--cache", str(cache)])
+    rc, out, err = run_cli(capsys, [*EMBED, "--data", str(tmp_path / "images"), "--store", str(cache)])
     assert rc == 0, err
     assert f"computed {len(files)}, reused 0" in out
     with open_store(cache, create=False) as store:
@@ -137,7 +137,7 @@ def test_empty_class_folder_is_kept_with_a_warning(tmp_path, capsys) -> None:
             path.write_bytes(png_bytes(sample_rgb(seed=seed)))
     (root / "unused").mkdir()
     with pytest.warns(UserWarning, match=r"unused: class folder holds no images"):
-        rc, out, err = run_cli(capsys, [*EMBED, "--data", str(root), "--cache", str(tmp_path / "cache")])
+        rc, out, err = run_cli(capsys, [*EMBED, "--data", str(root), "--store", str(tmp_path / "cache")])
     assert rc == 0, err
     assert "6 images" in out and "computed 6" in out
 
@@ -146,7 +146,7 @@ def test_debug_shows_the_traceback_instead(tmp_path) -> None:
     bad = tmp_path / "notes.png"
     bad.write_text("not pixels")
     with pytest.raises(DataError, match="notes.png"):
-        main([*EMBED, "--data", str(bad), "--cache", str(tmp_path / "cache"), "--debug"])
+        main([*EMBED, "--data", str(bad), "--store", str(tmp_path / "cache"), "--debug"])
 
 
 def test_classify_train_reports_a_bad_image_in_one_line(tmp_path, capsys) -> None:
@@ -189,7 +189,7 @@ def test_hostile_checkpoints_are_refused_and_nothing_runs(tmp_path, capsys, case
     data = tmp_path / "ok.npz"
     np.savez(data, **medmnist_arrays())
     cache = tmp_path / "cache"
-    argv = [*EMBED, "--data", str(data), "--cache", str(cache), "--checkpoint", str(checkpoint)]
+    argv = [*EMBED, "--data", str(data), "--store", str(cache), "--checkpoint", str(checkpoint)]
     rc, _, err = run_cli(capsys, argv)
     assert_one_line_error(rc, err, culprit, case.message)
     assert not marker.exists(), "the checkpoint's pickle payload ran"
@@ -217,7 +217,7 @@ def test_subprocess_exit_code_and_no_traceback(tmp_path, kind: str) -> None:
         *EMBED,
         "--data",
         str(data),
-        "--cache",
+        "--store",
         str(tmp_path / "c"),
         *extra,
     ]
@@ -231,7 +231,7 @@ def test_subprocess_exit_code_and_no_traceback(tmp_path, kind: str) -> None:
 
 def test_missing_image_file_is_a_data_error_not_a_crash(tmp_path, capsys) -> None:
     rc, _, err = run_cli(
-        capsys, [*EMBED, "--data", str(tmp_path / "nowhere.png"), "--cache", str(tmp_path / "c")]
+        capsys, [*EMBED, "--data", str(tmp_path / "nowhere.png"), "--store", str(tmp_path / "c")]
     )
     assert_one_line_error(rc, err, tmp_path / "nowhere.png", "no such file")
 
@@ -478,7 +478,7 @@ def test_hostile_backbone_weights_are_refused(tmp_path, capsys, kind: str) -> No
             torch.save({"state_dict": state}, weights)
     data = tmp_path / "ok.npz"
     np.savez(data, **medmnist_arrays())
-    argv = ["train", "--task", "classify", "--method", "baseline", "--backbone", "resnet18", "--image-size", "32",
+    argv = ["train", "--task", "classify", "--method", "baseline", "--backbone", "resnet18", "--backbone-image-size", "32",
             "--epochs", "1", "--batch-size", "4", "--no-progress", "--backbone-weights", str(weights),
             "--data", str(data), "--out", str(tmp_path / "run")]  # fmt: skip
     rc, _, err = run_cli(capsys, argv)
@@ -511,30 +511,31 @@ def test_nan_autosam_decoder_weights_are_refused(tmp_path, capsys) -> None:
 
 def test_diverged_training_is_one_line_not_a_traceback(tmp_path, capsys, monkeypatch) -> None:
     """A NaN/Inf loss (training.loop.fit raises FloatingPointError) reaches the user as one line, exit 2."""
-    from samadapt.tasks.classify import cli as classify_cli
+    import samadapt.engine.lifecycle as lifecycle
 
-    def diverge(args):
+    def diverge(task, cfg, **kwargs):
         raise FloatingPointError("non-finite training loss at epoch 3: nan")
 
-    monkeypatch.setattr(classify_cli, "train", diverge)
-    rc, _, err = run_cli(capsys, ["train", "--task", "classify"])
+    monkeypatch.setattr(lifecycle, "execute_run", diverge)
+    train = ["train", "--task", "classify", "--out", str(tmp_path / "run")]
+    rc, _, err = run_cli(capsys, train)
     assert rc == 2 and err.strip().splitlines() == [
         "samadapt: error: training diverged: non-finite training loss at epoch 3: nan; look for NaN/Inf in the "
         "data or weights, or lower --lr (--debug shows where)"
     ]
     with pytest.raises(FloatingPointError):
-        main(["train", "--task", "classify", "--debug"])
+        main([*train, "--debug"])
 
 
-def test_multi_line_library_messages_print_as_one_line(capsys, monkeypatch) -> None:
+def test_multi_line_library_messages_print_as_one_line(tmp_path, capsys, monkeypatch) -> None:
     """pydicom and torch put newlines and terminal colours in their messages; the CLI prints one clean line."""
-    from samadapt.tasks.classify import cli as classify_cli
+    import samadapt.engine.lifecycle as lifecycle
 
-    def fail(args):
+    def fail(task, cfg, **kwargs):
         raise DataError("x.dcm: cannot decode:\n  pillow: cannot identify \x1b[1mimage\x1b[0m\n")
 
-    monkeypatch.setattr(classify_cli, "train", fail)
-    rc, _, err = run_cli(capsys, ["train", "--task", "classify"])
+    monkeypatch.setattr(lifecycle, "execute_run", fail)
+    rc, _, err = run_cli(capsys, ["train", "--task", "classify", "--out", str(tmp_path / "run")])
     assert rc == 2 and err == "samadapt: error: x.dcm: cannot decode: pillow: cannot identify image\n"
 
 
@@ -545,7 +546,7 @@ def _embedded_store(tmp_path: Path) -> tuple[Path, Path]:
     data = tmp_path / "ok.npz"
     np.savez(data, **medmnist_arrays())
     store = tmp_path / "store"
-    assert main([*EMBED, "--data", str(data), "--cache", str(store)]) == 0
+    assert main([*EMBED, "--data", str(data), "--store", str(store)]) == 0
     return data, store
 
 
@@ -588,13 +589,13 @@ def test_embed_recomputes_entries_whose_shard_is_gone(tmp_path, capsys, damage: 
         victim.write_bytes(victim.read_bytes()[:200])
     capsys.readouterr()
     with pytest.warns(UserWarning, match=r"1 shard file\(s\) missing or truncated"):
-        rc, out, err = run_cli(capsys, [*EMBED, "--data", str(data), "--cache", str(store)])
+        rc, out, err = run_cli(capsys, [*EMBED, "--data", str(data), "--store", str(store)])
     assert rc == 0, err
     assert f"computed {len(lost)}, reused {len(before) - len(lost)}" in out
     after = _store_values(store)
     assert after.keys() == before.keys()
     assert all(np.array_equal(after[k], before[k]) for k in before)
-    rc, out, _ = run_cli(capsys, [*EMBED, "--data", str(data), "--cache", str(store)])
+    rc, out, _ = run_cli(capsys, [*EMBED, "--data", str(data), "--store", str(store)])
     assert rc == 0 and "computed 0" in out and "nothing to compute" in out
 
 
@@ -613,7 +614,7 @@ def test_damaged_store_manifest_is_a_one_line_error(tmp_path, capsys, damage: st
         manifest.mkdir()
         message = "cannot use|unable to open"
     capsys.readouterr()
-    rc, _, err = run_cli(capsys, [*EMBED, "--data", str(data), "--cache", str(store)])
+    rc, _, err = run_cli(capsys, [*EMBED, "--data", str(data), "--store", str(store)])
     assert_one_line_error(rc, err, manifest, message)
     argv = [*CLASSIFY, "--data", str(data), "--store", str(store), "--out", str(tmp_path / "run")]
     rc, _, err = run_cli(capsys, argv)
@@ -646,13 +647,16 @@ FLAG_CASES: list[tuple[str, list[str], str, str | None]] = [
     ("segment", ["--lr", "0"], "--lr", None),
     ("segment", ["--batch-size", "0"], "--batch-size", None),
     ("segment", ["--epochs", "0"], "--epochs", None),
-    ("segment", ["--head", "unet", "--unet-channels", "8"], "--unet-channels", None),
+    ("segment", ["--method", "unet", "--unet-channels", "8"], "--unet-channels", None),
     ("fewshot", ["--data-fraction", "2"], "--data-fraction", None),
     ("classify", ["--batch-size", "0"], "--batch-size", None),
     ("classify", ["--epochs", "0"], "--epochs", None),
     ("classify", ["--lr", "nan"], "--lr", None),
     ("classify", ["--lr", "-1"], "--lr", None),
-    ("segment", ["--image-size", "30"], "--image-size", None),
+    ("segment", ["--encoder-image-size", "30"], "--encoder-image-size", None),
+    ("segment", ["--unet-image-size", "0"], "--unet-image-size", None),
+    ("classify", ["--backbone-image-size", "x"], "--backbone-image-size", None),
+    ("classify", ["--label-fraction", "1.5"], "--label-fraction", None),
 ]
 
 
@@ -669,7 +673,7 @@ def test_bad_flag_values_are_one_line_errors(tmp_path, capsys, tiny_fewshot, tas
     data = tmp_path / "ok.npz"
     np.savez(data, **medmnist_arrays())
     if task == "embed":
-        argv = [*EMBED, "--data", str(data), "--cache", str(tmp_path / "cache")]
+        argv = [*EMBED, "--data", str(data), "--store", str(tmp_path / "cache")]
     elif task == "segment":
         argv = [*SEGMENT, "--data", str(write_volume_dataset(tmp_path / "volumes")), "--store", str(tmp_path / "s"),
                 "--out", str(tmp_path / "run")]  # fmt: skip
@@ -698,7 +702,7 @@ def test_subprocess_warnings_are_one_line_each(tmp_path) -> None:
             path.write_bytes(png_bytes(sample_rgb(seed=seed + (3 if label == "malignant" else 0))))
     (root / "unused").mkdir()
     command = [sys.executable, "-c", "import sys; from samadapt.cli.main import main; sys.exit(main())",
-               *EMBED, "--data", str(root), "--cache", str(tmp_path / "cache")]  # fmt: skip
+               *EMBED, "--data", str(root), "--store", str(tmp_path / "cache")]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     lines = [line for line in done.stderr.splitlines() if line.strip()]

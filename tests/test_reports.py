@@ -3,7 +3,6 @@ correctly, and the loop stops early and restores the best weights."""
 
 from __future__ import annotations
 
-import argparse
 import base64
 import math
 
@@ -12,6 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
+from samadapt.engine.cli import _parser, config_layers
+from samadapt.engine.config import build_config, read_yaml_mapping
 from samadapt.errors import ConfigError
 from samadapt.reports import (
     mean_std_markdown,
@@ -27,7 +28,9 @@ from samadapt.reports import (
     write_html_report,
     write_predictions_csv,
 )
-from samadapt.training import EarlyStopping, fit, load_weights, merge_config, parse_with_config, save_weights
+from samadapt.tasks.classify.config import ClassifyConfig
+from samadapt.tasks.classify.task import ClassifyTask
+from samadapt.training import EarlyStopping, fit, load_weights, save_weights
 
 
 def _png_size(path):
@@ -175,16 +178,23 @@ def test_weights_roundtrip_and_config_merge(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"not a file")
     with pytest.raises(Exception, match="bad.safetensors"):
         load_weights(tmp_path / "bad.safetensors")
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--config")
-    parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--epochs", type=int, default=3)
     (tmp_path / "c.yaml").write_text("task: classify\nlr: 0.5\nepochs: 7\n")
-    args = merge_config(parser, parser.parse_args(["--config", str(tmp_path / "c.yaml"), "--epochs", "9"]))
-    assert args.lr == 0.5 and args.epochs == 9  # the command line wins over the file
-    # ... also when the value given equals the flag's default
-    args = parse_with_config(parser, ["--config", str(tmp_path / "c.yaml"), "--lr", "0.1", "--epochs=3"])
-    assert args.lr == 0.1 and args.epochs == 3
+    task = ClassifyTask()
+
+    def settings(argv):  # the real `samadapt train` parser and layers: defaults < file < command line
+        args = _parser("train", task).parse_args(argv)
+        file_values = read_yaml_mapping(args.config) if args.config else {}
+        file_values.pop("task", None)
+        return build_config(ClassifyConfig, config_layers(task, args, file_values=file_values))
+
+    cfg = settings(["--config", str(tmp_path / "c.yaml"), "--epochs", "9"])
+    assert cfg.lr == 0.5 and cfg.epochs == 9  # the command line wins over the file
+    # ... also when the value given equals the model's default
+    default = ClassifyConfig()
+    cfg = settings(
+        ["--config", str(tmp_path / "c.yaml"), "--lr", str(default.lr), f"--epochs={default.epochs}"]
+    )
+    assert cfg.lr == default.lr and cfg.epochs == default.epochs
     (tmp_path / "typo.yaml").write_text("learning_rate: 0.5\n")
     with pytest.raises(ConfigError, match="typo.yaml.*learning_rate"):
-        merge_config(parser, parser.parse_args(["--config", str(tmp_path / "typo.yaml")]))
+        settings(["--config", str(tmp_path / "typo.yaml")])

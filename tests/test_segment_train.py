@@ -16,7 +16,7 @@ from samadapt.tasks.segment.synthetic import write_acdc_like
 
 pytestmark = pytest.mark.filterwarnings("ignore::samadapt.encoders.RandomWeightsWarning")
 
-TINY = ["--encoder", "sam_vit_b", "--encoder-arch", "tiny", "--image-size", "128", "--no-progress"]
+TINY = ["--encoder", "sam_vit_b", "--encoder-arch", "tiny", "--encoder-image-size", "128", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def acdc(tmp_path_factory):
 def autosam_run(acdc, tmp_path_factory):
     base = tmp_path_factory.mktemp("runs")
     run = base / "autosam"
-    rc = main(["train", "--task", "segment", "--data", str(acdc), "--head", "autosam", *TINY, "--epochs", "6",
+    rc = main(["train", "--task", "segment", "--data", str(acdc), "--method", "autosam", *TINY, "--epochs", "6",
                "--aug-views", "1", "--store", str(base / "store"), "--out", str(run)])  # fmt: skip
     assert rc == 0
     return run
@@ -59,7 +59,15 @@ def test_autosam_training_lowers_the_loss_and_beats_constant_predictions(acdc, a
     )  # fmt: skip
     assert test["dice_mean"] > constant + 0.3
     assert test["hd95_mean"] > 0
-    for name in ("head.safetensors", "config.yaml", "per_volume.csv", "overlays.png", "report.html"):
+    for name in (
+        "model.safetensors",
+        "config.yaml",
+        "predictions.csv",
+        "per_volume.csv",
+        "overlays.png",
+        "report.html",
+        "training_curves.png",
+    ):
         assert (autosam_run / name).is_file(), name
 
 
@@ -87,40 +95,49 @@ def test_predict_writes_the_input_shape_and_affine(acdc, autosam_run, tmp_path):
 @pytest.mark.parametrize("head", ["linear", "unet"])
 def test_other_heads_train_and_evaluate(acdc, head, tmp_path):
     run = tmp_path / head
-    rc = main(["train", "--task", "segment", "--data", str(acdc), "--head", head, *TINY, "--epochs", "4",
+    rc = main(["train", "--task", "segment", "--data", str(acdc), "--method", head, *TINY, "--epochs", "4",
                "--aug-views", "0", "--unet-channels", "8,16,32", "--train-volumes", "2",
                "--store", str(tmp_path / "store"), "--out", str(run)])  # fmt: skip
     assert rc == 0
     losses = _history(run)
     assert losses[-1] < losses[0]
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["train_volumes"] == 2 and metrics["head"] == head
-    assert 0.0 <= metrics["test"]["dice_mean"] <= 1.0
+    assert metrics["train_volumes"] == 2 and metrics["head"] == head and metrics["method"] == head
+    # the test block is the mean of the per-volume rows of predictions.csv
+    with open(run / "predictions.csv") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["split"] == "test"]
+    assert len(rows) == metrics["test"]["num_volumes"] == 2
+    per_volume = [np.mean([float(r[f"dice_{n}"]) for n in ("RV", "MYO", "LV")]) for r in rows]
+    assert metrics["test"]["dice_mean"] == pytest.approx(float(np.mean(per_volume)), abs=1e-4)
 
 
 def test_sweep_writes_a_table_and_resumes(acdc, tmp_path, capsys):
     cfg = tmp_path / "sweep.yaml"
     cfg.write_text(
-        f"task: segment\ndata: {acdc}\nheads: [linear]\ntrain-volumes: [1, all]\nepochs: 2\naug-views: 0\n"
-        f"encoder: sam_vit_b\nencoder-arch: tiny\nimage-size: 128\nno-progress: true\nout: {tmp_path / 'sweep'}\n"
+        f"task: segment\ndata: {acdc}\nmethods: [linear]\ntrain-volumes: [1, all]\nepochs: 2\naug-views: 0\n"
+        f"encoder: sam_vit_b\nencoder-arch: tiny\nencoder-image-size: 128\nprogress: false\n"
+        f"out: {tmp_path / 'sweep'}\n"
     )
     assert main(["sweep", "--config", str(cfg)]) == 0
     out = tmp_path / "sweep"
     with open(out / "results.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert [(r["head"], r["train_volumes"]) for r in rows] == [("linear", "1"), ("linear", "4")]
-    assert (
-        (out / "dice.png").is_file()
-        and (out / "hd95.png").is_file()
-        and "dice_mean" in (out / "results.md").read_text()
-    )
-    stamp = (out / "runs" / "linear_tv1_seed0" / "metrics.json").stat().st_mtime_ns
+    assert [(r["method"], r["budget"], r["run"]) for r in rows] == [
+        ("linear", "1", "runs/linear_b1_s0"),
+        ("linear", "4", "runs/linear_b-all_s0"),
+    ]
+    assert {"dice_mean", "hd95_mean", "dice.RV", "hd95.LV"} <= set(rows[0])
+    assert (out / "label_efficiency_dice_mean.png").is_file() and (
+        out / "label_efficiency_hd95_mean.png"
+    ).is_file()
+    assert "dice_mean" in (out / "summary.md").read_text() and (out / "report.html").is_file()
+    stamp = (out / "runs" / "linear_b1_s0" / "metrics.json").stat().st_mtime_ns
     assert main(["sweep", "--config", str(cfg)]) == 0
-    assert (out / "runs" / "linear_tv1_seed0" / "metrics.json").stat().st_mtime_ns == stamp
+    assert (out / "runs" / "linear_b1_s0" / "metrics.json").stat().st_mtime_ns == stamp
 
 
 def test_too_many_train_volumes_is_a_one_line_error(acdc, tmp_path, capsys):
-    rc = main(["train", "--task", "segment", "--data", str(acdc), "--head", "unet", *TINY, "--train-volumes", "9",
+    rc = main(["train", "--task", "segment", "--data", str(acdc), "--method", "unet", *TINY, "--train-volumes", "9",
                "--out", str(tmp_path / "r")])  # fmt: skip
     assert rc == 2
     assert "--train-volumes must be between 1 and 4" in capsys.readouterr().err
@@ -136,7 +153,7 @@ def test_online_encoder_takes_volumes_of_different_in_plane_sizes(tmp_path):
         for f in (tmp_path / "other" / pid).iterdir():
             (data / pid / f.name).write_bytes(f.read_bytes())
     run = tmp_path / "run"
-    rc = main(["train", "--task", "segment", "--data", str(data), "--head", "linear", *TINY, "--epochs", "1",
+    rc = main(["train", "--task", "segment", "--data", str(data), "--method", "linear", *TINY, "--epochs", "1",
                "--batch-size", "16", "--aug-views", "1", "--online-encoder", "--store", str(tmp_path / "store"),
                "--out", str(run)])  # fmt: skip
     assert rc == 0
@@ -146,11 +163,28 @@ def test_online_encoder_takes_volumes_of_different_in_plane_sizes(tmp_path):
     assert json.loads((run / "metrics.json").read_text())["train_slices"] == 12
 
 
-def test_sweep_runs_from_flags_alone(acdc, tmp_path):
+def test_sweep_runs_from_flags_alone_with_the_deprecated_heads_flag(acdc, tmp_path):
     out = tmp_path / "sweep"
-    rc = main(["sweep", "--task", "segment", "--data", str(acdc), "--heads", "linear", "--train-volumes", "1,9",
-               *TINY, "--epochs", "1", "--aug-views", "0", "--store", str(tmp_path / "store"), "--out", str(out)])  # fmt: skip
-    assert rc == 0
+    argv = ["sweep", "--task", "segment", "--data", str(acdc), "--heads", "linear", "--train-volumes", "1,9",
+            *TINY, "--epochs", "1", "--aug-views", "0", "--store", str(tmp_path / "store"), "--out", str(out)]  # fmt: skip
+    with pytest.warns(FutureWarning, match="--heads is deprecated; use --methods"):
+        assert main(argv) == 0
     with open(out / "results.csv") as fh:  # 9 > the 4 training patients: skipped, the sweep goes on
-        assert [(r["head"], r["train_volumes"]) for r in csv.DictReader(fh)] == [("linear", "1")]
-    assert (out / "results.md").is_file() and (out / "dice.png").is_file()
+        assert [(r["method"], r["budget"]) for r in csv.DictReader(fh)] == [("linear", "1")]
+    assert (out / "summary.md").is_file() and (out / "label_efficiency_dice_mean.png").is_file()
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["linear_b1_s0"]
+
+
+def test_deprecated_head_and_image_size_flags_name_the_new_ones(acdc, tmp_path, monkeypatch):
+    import samadapt.engine.lifecycle as lifecycle
+
+    seen = {}
+    monkeypatch.setattr(lifecycle, "execute_run", lambda task, cfg, **kw: seen.setdefault("cfg", cfg) and {})
+    argv = ["train", "--task", "segment", "--data", str(acdc), "--head", "unet", "--image-size", "256",
+            "--out", str(tmp_path / "r")]  # fmt: skip
+    with pytest.warns(FutureWarning) as caught:
+        assert main(argv) == 0
+    messages = [str(w.message) for w in caught]
+    assert any("--head is deprecated; use --method" in m for m in messages), messages
+    assert any("--image-size is deprecated; use --encoder-image-size" in m for m in messages), messages
+    assert seen["cfg"].method == "unet" and seen["cfg"].encoder_image_size == 256

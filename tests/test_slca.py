@@ -102,7 +102,12 @@ def test_backbone_family_shapes_and_gradients(backbone, tiny_sam, real_images):
     sam = tiny_sam.embed(images)  # [2, 256, 4, 4] through the frozen encoder
     pooled = window_pool(sam, window=2, pooling="avgmax")
     cfg = ClassifyConfig(
-        data="x", method="slca", backbone=backbone, image_size=64, slca_reduction=32, slca_pooling="avgmax"
+        data="x",
+        method="slca",
+        backbone=backbone,
+        backbone_image_size=64,
+        slca_reduction=32,
+        slca_pooling="avgmax",
     )
     torch.manual_seed(0)
     model = build_model(cfg, num_classes=3, sam_channels=256)
@@ -127,7 +132,7 @@ def test_backbone_family_shapes_and_gradients(backbone, tiny_sam, real_images):
 
 
 def test_baseline_has_no_slca_and_ignores_sam():
-    cfg = ClassifyConfig(data="x", method="baseline", backbone="resnet18", image_size=32)
+    cfg = ClassifyConfig(data="x", method="baseline", backbone="resnet18", backbone_image_size=32)
     model = build_model(cfg, num_classes=2, sam_channels=0)
     assert not model.uses_sam and model(torch.randn(2, 3, 32, 32)).shape == (2, 2)
 

@@ -260,6 +260,10 @@ def load_run_config(run: str | os.PathLike[str], model: type[RunConfig]) -> tupl
     if not isinstance(recorded, dict):
         raise ConfigError(f"{path}: key 'recorded' must be a mapping, found {type(recorded).__name__}")
     data.pop("samadapt_version", None)
+    # dump_config writes every setting: a missing one would silently become its default at predict time
+    missing = [k for k in model.model_fields if k not in data and not field_meta(model, k).get("run_only")]
+    if missing:
+        raise ConfigError(f"{path}: missing key(s) {', '.join(map(repr, missing))}")
     cfg = build_config(model, [(str(path), data)])
     return cfg, recorded
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from pydantic import field_validator
+
 from samadapt.engine.config import EncoderRunConfig, bounded, setting
 
 METHODS = ("slca", "baseline", "linear-probe")
@@ -59,6 +61,12 @@ class ClassifyConfig(EncoderRunConfig):
     _fraction = bounded("label_fraction", low=0, high=1, strict=True)
     _lr = bounded("lr", low=0, strict=True)
     _non_negative = bounded("weight_decay", "val_fraction", "test_fraction", low=0)
+
+    @field_validator("sam_feature", "slca_stages", mode="before")
+    @classmethod
+    def _block_index_as_text(cls, value: Any) -> Any:
+        """`sam_feature: 1` / `slca_stages: 2` in a YAML file are block indices, as `--sam-feature 1` is."""
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 # Named settings (`--preset`). The SLCA paper publishes no protocol (see docs): "reference" is the setting the

@@ -56,6 +56,7 @@ class ClassifyTask(Task):
             "epochs_run": len(result.history),
             "stopped_early": result.stopped_early,
             "train_seconds": round(result.seconds, 2),
+            "world_size": run.dist.world_size if run.dist is not None else 1,
         }
         return Fitted(weights=result.best_state, model=network, history=result.history,
                       best_epoch=result.best_epoch, info=info)  # fmt: skip

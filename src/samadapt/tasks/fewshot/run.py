@@ -53,7 +53,7 @@ class Resources:
             if key not in self._cache:
                 self._cache[key] = prepare_one(
                     self.dataset.image(int(i)), clip=self.clip, kind=kind,
-                    masker=self.masker if kind != "plain" else None,
+                    masker=self.masker if kind != "plain" else None,  # plain methods never load SAM 2
                     style=options.overlay, max_area_fraction=options.max_area_fraction, transform=self._transform,
                     choice=choice,
                 )  # fmt: skip
