@@ -1,0 +1,151 @@
+"""Wall time of each task's real workflow on this machine, split into encoding, masks, training and evaluation,
+beside the naive path that re-runs the official encoder (or mask generator) for every epoch of every run.
+
+    python benchmarks/workflow.py                      # the issue's sizes: 500-image classify sweep, ... (slow)
+    python benchmarks/workflow.py --quick              # small sizes for a quick look (what CI-sized machines allow)
+
+The encoders are the real architectures at real input size with random weights (no checkpoint can be downloaded
+here; speed does not depend on the weights). Measured: our path end to end through the engine's sweep (encoding
+into the store, then every run), and the official encoder's / generator's time per image, side by side in this
+process. The naive path is that time multiplied by the images each epoch of each run would encode (modelled from
+the measured per-image time, not run: at real size it takes days on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def official_sam_seconds(image_size: int, images: list[np.ndarray], rounds: int = 1) -> float:
+    """Median seconds per image of segment_anything's image encoder (fp32), as SamPredictor runs it."""
+    from segment_anything import sam_model_registry
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    sam = sam_model_registry["vit_b"](checkpoint=None).eval()
+    if image_size != 1024:
+        return float("nan")
+    transform = ResizeLongestSide(1024)
+    times = []
+    with torch.inference_mode():
+        for _ in range(rounds):
+            for image in images:
+                rgb = image if image.ndim == 3 else np.repeat(image[..., None], 3, axis=2)
+                start = time.perf_counter()
+                x = torch.as_tensor(transform.apply_image(rgb)).permute(2, 0, 1)[None].float()
+                sam.image_encoder(sam.preprocess(x))
+                times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def run_classify(root: Path, *, n: int, epochs: int, seeds: int, image_size: int) -> dict:
+    from samadapt.engine.sweep import run_sweep
+    from samadapt.store import embed_dataset
+    from samadapt.tasks.classify.config import ClassifyConfig
+    from samadapt.tasks.classify.prepare import read_classification_data
+    from samadapt.tasks.classify.synthetic import make_lesion_dataset
+    from samadapt.tasks.classify.task import ClassifyTask
+
+    n_train, n_val, n_test = int(n * 0.7), int(n * 0.15), n - int(n * 0.7) - int(n * 0.15)
+    data = make_lesion_dataset(root / "lesions.npz", n_train=n_train, n_val=n_val, n_test=n_test, size=128)
+    cfg = ClassifyConfig(data=str(data), encoder_image_size=image_size, backbone_image_size=128, epochs=epochs,
+                         patience=epochs, store=str(root / "store"), progress=False)  # fmt: skip
+    dataset, _ = read_classification_data(cfg)
+    start = time.perf_counter()
+    embed_dataset(dataset, cfg.load_encoder("cpu"), cfg.store_dir(), progress=False)
+    encoding = time.perf_counter() - start
+    axes = {
+        "method": ["slca", "baseline", "linear-probe"],
+        "label_fraction": [0.1, 0.5, 1.0],
+        "seed": list(range(seeds)),
+    }
+    start = time.perf_counter()
+    run_sweep(ClassifyTask(), cfg, axes, out=root / "sweep")
+    runs = time.perf_counter() - start
+    images = [dataset.image(i) for i in range(2)]
+    official = official_sam_seconds(image_size, images)
+    # naive: slca re-encodes every image every epoch of each of its 3 x seeds runs, the probe once per run
+    naive_encoding = official * n * (epochs + 1) * 3 * seeds
+    return {"task": "classify", "images": n, "runs": 9 * seeds, "epochs": epochs, "encoding_s": encoding,
+            "runs_s": runs, "total_s": encoding + runs, "official_encoder_s_per_image": official,
+            "naive_total_s_modelled": naive_encoding + runs}  # fmt: skip
+
+
+def run_fewshot(root: Path, *, n: int, points: int, image_size: int) -> dict:
+    from samadapt.data import read_dataset
+    from samadapt.encoders.masks import MaskerSettings, load_masker
+    from samadapt.tasks.fewshot.synthetic import write_toy_npz
+
+    data = write_toy_npz(root / "toy.npz", counts=(int(n * 0.6), int(n * 0.2), n - int(n * 0.6) - int(n * 0.2)),
+                         size=256)  # fmt: skip
+    dataset = read_dataset(str(data))
+    settings = MaskerSettings(points_per_side=points)
+    result: dict = {"task": "fewshot masks", "images": n, "points_per_side": points}
+    for impl in ("fast", "official"):
+        try:
+            masker = load_masker(
+                "sam2_hiera_t", None, settings=settings, image_size=image_size, implementation=impl
+            )
+        except TypeError:  # a masker without the fast implementation
+            masker = load_masker("sam2_hiera_t", None, settings=settings, image_size=image_size)
+        count = n if impl == "fast" else 1
+        start = time.perf_counter()
+        for i in range(count):
+            masker.generate(dataset.image(i))
+        result[f"{impl}_s_per_image"] = (time.perf_counter() - start) / count
+    result["fast_total_s"] = result["fast_s_per_image"] * n
+    result["official_total_s_modelled"] = result["official_s_per_image"] * n
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes (minutes, not hours)")
+    parser.add_argument("--tasks", default="classify,fewshot")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "workflow.json")
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    sizes = {"classify": (24, 2, 1), "fewshot": (4, 16)} if args.quick else {"classify": (500, 30, 2),
+                                                                              "fewshot": (200, 32)}  # fmt: skip
+    load = os.getloadavg()[0]
+    results = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__, "load_start": load,
+               "quick": args.quick, "tasks": []}  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        if "classify" in args.tasks:
+            n, epochs, seeds = sizes["classify"]
+            results["tasks"].append(
+                run_classify(root / "c", n=n, epochs=epochs, seeds=seeds, image_size=1024)
+            )
+            print(json.dumps(results["tasks"][-1], indent=1), flush=True)
+        if "fewshot" in args.tasks:
+            n, points = sizes["fewshot"]
+            results["tasks"].append(run_fewshot(root / "f", n=n, points=points, image_size=1024))
+            print(json.dumps(results["tasks"][-1], indent=1), flush=True)
+    results["load_end"] = os.getloadavg()[0]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
