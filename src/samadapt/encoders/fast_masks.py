@@ -9,11 +9,11 @@ This generator runs the same official modules in another order:
    the predicted IoU comes from the transformer's IoU token alone, so points none of whose candidates passes
    `pred_iou_thresh` skip the decoder's upscaling convolutions (exact: those masks are dropped anyway);
 3. the stability score is first computed on the 256x256 low-resolution logits; only candidates within
-   `STABILITY_MARGIN` of `stability_score_thresh` are upsampled (chunk by chunk) for the official full-image
-   stability score and box (exact for every mask that can survive);
-4. box NMS (torchvision's `batched_nms`, predicted IoU as score, as the official code) on those boxes; with
-   `stability_score_thresh=0` no mask is upsampled before NMS and boxes come from the low-resolution masks
-   (an approximation of a few pixels, measured by the agreement tests and benchmark);
+   `STABILITY_MARGIN` of `stability_score_thresh` are upsampled (chunk by chunk, never all at once) for the
+   official full-image stability score and box (the low-resolution score only decides which masks are
+   certainly out; the benchmark records how many full-image survivors it would have dropped);
+4. box NMS (torchvision's `batched_nms`, predicted IoU as score, as the official code) on the official
+   full-image boxes, found from row / column maxima of the upsampled logits;
 5. only the kept masks are upsampled to the image size.
 
 `min_mask_region_area > 0`: the official generator hands it to `SAM2Transforms` as hole / sprinkle areas, filled
@@ -82,13 +82,6 @@ def stability_score(logits: torch.Tensor, *, threshold: float, offset: float) ->
     inter = (logits > threshold + offset).flatten(1).sum(1, dtype=torch.int64)
     union = (logits > threshold - offset).flatten(1).sum(1, dtype=torch.int64)
     return inter / union
-
-
-def boxes_of(masks: torch.Tensor) -> torch.Tensor:
-    """XYXY boxes of [K, H, W] bool masks, [0, 0, 0, 0] for empty ones (`sam2.utils.amg.batched_mask_to_box`)."""
-    from sam2.utils.amg import batched_mask_to_box
-
-    return batched_mask_to_box(masks)
 
 
 def fill_small_regions(logits: torch.Tensor, *, area: int, threshold: float) -> torch.Tensor:
@@ -277,18 +270,18 @@ class FastMaskGenerator:
             pre = low >= self.stability_score_thresh - STABILITY_MARGIN
             logits, iou = logits[pre], iou[pre]
             counts["after_stability_prefilter"] = len(iou)
-            stab, boxes = [], []
-            for start in range(0, len(iou), UPSAMPLE_CHUNK):
-                full = self._upsample(logits[start : start + UPSAMPLE_CHUNK], size)
+        # the official full-image stability score and box, chunk by chunk, for the candidates left
+        stab, boxes = [], []
+        for start in range(0, len(iou), UPSAMPLE_CHUNK):
+            full = self._upsample(logits[start : start + UPSAMPLE_CHUNK], size)
+            if self.stability_score_thresh > 0.0:
                 stab.append(stability_score(full, threshold=thr, offset=offset))
-                boxes.append(boxes_of(full > thr))
-            if stab:
-                keep = torch.cat(stab) >= self.stability_score_thresh
-                logits, iou, boxes_t = logits[keep], iou[keep], torch.cat(boxes)[keep]
-            else:
-                boxes_t = torch.zeros(0, 4)
-        else:
-            boxes_t = _low_res_boxes(logits > thr, size)
+            boxes.append(_boxes_of_logits(full, threshold=thr))
+            del full
+        boxes_t = torch.cat(boxes) if boxes else torch.zeros(0, 4)
+        if stab:
+            keep = torch.cat(stab) >= self.stability_score_thresh
+            logits, iou, boxes_t = logits[keep], iou[keep], boxes_t[keep]
         counts["after_stability"] = len(iou)
         if len(iou):
             keep = batched_nms(boxes_t.float(), iou, torch.zeros_like(boxes_t[:, 0]), self.box_nms_thresh)
@@ -302,24 +295,23 @@ class FastMaskGenerator:
         return masks, iou.float().cpu().numpy()
 
 
-def _low_res_boxes(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """XYXY image-pixel boxes of [K, h, w] low-resolution masks: each low-res pixel spans H/h x W/w pixels."""
-    height, width = size
-    h, w = masks.shape[1:]
-    box = boxes_of(masks).float()
-    empty = ~masks.flatten(1).any(1)
-    sx, sy = width / w, height / h
-    out = torch.stack(
-        [
-            torch.floor(box[:, 0] * sx),
-            torch.floor(box[:, 1] * sy),
-            torch.ceil((box[:, 2] + 1) * sx) - 1,
-            torch.ceil((box[:, 3] + 1) * sy) - 1,
-        ],
-        dim=1,
-    )
-    out[empty] = 0
-    return out
+def _boxes_of_logits(logits: torch.Tensor, *, threshold: float) -> torch.Tensor:
+    """XYXY boxes of the masks `logits > threshold` ([K, H, W]), [0, 0, 0, 0] for empty ones, as
+    `sam2.utils.amg.batched_mask_to_box` gives, from two max-reductions instead of the full boolean masks."""
+    rows = logits.amax(dim=2) > threshold  # [K, H]
+    cols = logits.amax(dim=1) > threshold  # [K, W]
+    height, width = rows.shape[1], cols.shape[1]
+
+    def edges(any_: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.arange(n, device=any_.device)
+        first = torch.where(any_, idx, n).amin(dim=1)
+        last = torch.where(any_, idx, -1).amax(dim=1)
+        return first, last
+
+    y0, y1 = edges(rows, height)
+    x0, x1 = edges(cols, width)
+    box = torch.stack([x0, y0, x1, y1], dim=1)
+    return torch.where(rows.any(dim=1, keepdim=True), box, torch.zeros_like(box))
 
 
 def _device(model: torch.nn.Module) -> torch.device:
