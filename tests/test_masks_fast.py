@@ -62,10 +62,13 @@ def test_fast_masks_agree_with_the_official_generator(sam2_file, image, name):
 
 
 def test_filters_cut_candidates_before_any_full_image_work(sam2_file, image):
-    _, fast = _pair(sam2_file, SETTINGS["filtering"])
-    fast.generate(image)
+    settings = MaskerSettings(points_per_side=8, pred_iou_thresh=0.51, stability_score_thresh=0.6,
+                              stability_score_offset=0.05, box_nms_thresh=0.95)  # fmt: skip
+    official, fast = _pair(sam2_file, settings)
+    assert agrees(agreement(official.generate(image).masks, fast.generate(image).masks))
     counts = fast.fast.last_counts
     assert counts["candidates"] == 3 * 64
+    assert counts["points_decoded"] < 64  # the thin-keys IoU spared the official decoder some points
     assert counts["after_iou"] < counts["candidates"]
     assert counts["after_stability_prefilter"] <= counts["after_iou"]
     assert counts["after_nms"] <= counts["after_stability"] <= counts["after_stability_prefilter"]
@@ -142,3 +145,32 @@ def test_unsupported_choices_are_config_errors(sam2_file):
         load_masker("sam2_hiera_t", sam2_file, arch="tiny", image_size=128, implementation="official",
                     precision="bf16")  # fmt: skip
     assert resolve_precision("auto") in ("fp32", "bf16")
+
+
+@pytest.mark.parametrize("version", ["2.1", "2.0"])
+def test_thin_keys_iou_equals_the_official_decoder(version):
+    from samadapt.encoders.lowrank_decoder import point_iou
+    from samadapt.encoders.masks import build_sam2_model
+
+    torch.manual_seed(3)
+    model, _, _ = build_sam2_model("sam2_hiera_t", version=version, arch="tiny", image_size=128)
+    dec = model.sam_mask_decoder
+    with torch.inference_mode():
+        embed = torch.randn(1, 256, 8, 8)
+        high_res = [torch.randn(1, 32, 32, 32), torch.randn(1, 64, 16, 16)]
+        points = torch.rand(10, 1, 2) * 128
+        sparse, dense = model.sam_prompt_encoder(
+            points=(points, torch.ones(10, 1, dtype=torch.int)), boxes=None, masks=None
+        )
+        pe = model.sam_prompt_encoder.get_dense_pe()
+        _, official, _, _ = dec.predict_masks(
+            image_embeddings=embed, image_pe=pe, sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense, repeat_image=True, high_res_features=high_res,
+        )  # fmt: skip
+        heads = [dec.iou_token.weight, dec.mask_tokens.weight]
+        if dec.pred_obj_scores:
+            heads.insert(0, dec.obj_score_token.weight)
+        tokens = torch.cat((torch.cat(heads).unsqueeze(0).expand(10, -1, -1), sparse), dim=1)
+        ours = point_iou(dec, image_embed=embed, dense=dense, image_pe=pe, tokens=tokens, batch_size=4)
+    assert ours.shape == official.shape == (10, 4)
+    torch.testing.assert_close(ours, official, atol=1e-5, rtol=1e-5)

@@ -5,9 +5,11 @@
 This generator runs the same official modules in another order:
 
 1. the image encoder once (`SAM2ImagePredictor.set_image`, so the features are the official ones);
-2. all point prompts through the prompt encoder and the mask decoder's two-way transformer in large batches;
-   the predicted IoU comes from the transformer's IoU token alone, so points none of whose candidates passes
-   `pred_iou_thresh` skip the decoder's upscaling convolutions (exact: those masks are dropped anyway);
+2. all point prompts through the prompt encoder at once; with `pred_iou_thresh > 0` their predicted IoU first
+   comes from `lowrank_decoder.point_iou` (the official transformer's arithmetic on a thin representation of the
+   per-prompt image tokens, several times cheaper); only points with a candidate within `IOU_MARGIN` of the
+   threshold go through the official mask decoder (transformer, then the upscaling convolutions only for the
+   points whose official IoU passes), in batches of `batch_size`;
 3. the stability score is first computed on the 256x256 low-resolution logits; only candidates within
    `STABILITY_MARGIN` of `stability_score_thresh` are upsampled (chunk by chunk, never all at once) for the
    official full-image stability score and box (the low-resolution score only decides which masks are
@@ -40,11 +42,15 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops.boxes import batched_nms
 
+from samadapt.encoders.lowrank_decoder import point_iou
 from samadapt.errors import ConfigError
 
 PRECISIONS = ("fp32", "bf16")
 # Candidates whose low-resolution stability is this far below the threshold are dropped without upsampling.
 STABILITY_MARGIN = 0.1
+# The thin-keys IoU equals the official one up to float rounding (~1e-7); points this close to the threshold
+# are decoded the official way, whose IoU then decides.
+IOU_MARGIN = 1e-3
 # Masks upsampled to the full image at once (memory: chunk * H * W floats).
 UPSAMPLE_CHUNK = 32
 
@@ -174,20 +180,52 @@ class FastMaskGenerator:
             return torch.autocast(_device(self.model).type, dtype=torch.bfloat16)
         return nullcontext()
 
-    def _decode(self, points: torch.Tensor) -> _Candidates:
-        """Official `MaskDecoder.predict_masks` for a batch of single-point prompts ([B, 2] model coordinates),
-        upscaling only the points with a candidate above `pred_iou_thresh`."""
+    def _outputs(self) -> slice:
+        """Which of the decoder's mask outputs (and IoU predictions) this setting can return."""
+        dec = self.model.sam_mask_decoder
+        if self.multimask_output:
+            return slice(1, None)
+        if dec.dynamic_multimask_via_stability and not dec.training:
+            return slice(0, None)  # the choice among all four depends on the masks
+        return slice(0, 1)
+
+    def _prompts(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(decoder tokens [P, T, C]: output tokens then the sparse prompt, dense embeddings [P, C, h, w]) of
+        single-point prompts [P, 2] in model coordinates, as `MaskDecoder.predict_masks` assembles them."""
         model, dec = self.model, self.model.sam_mask_decoder
-        feats = self.predictor._features
         labels = torch.ones(points.shape[0], 1, dtype=torch.int, device=points.device)
         sparse, dense = model.sam_prompt_encoder(points=(points[:, None, :], labels), boxes=None, masks=None)
-        image_pe = model.sam_prompt_encoder.get_dense_pe()
-        s = 1 if dec.pred_obj_scores else 0
         heads = [dec.iou_token.weight, dec.mask_tokens.weight]
         if dec.pred_obj_scores:
             heads.insert(0, dec.obj_score_token.weight)
         b = sparse.shape[0]
         tokens = torch.cat((torch.cat(heads, dim=0).unsqueeze(0).expand(b, -1, -1), sparse), dim=1)
+        return tokens, dense
+
+    def _prefilter(self, tokens: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        """Indices of the prompts with a candidate that can pass `pred_iou_thresh`, from the thin-keys decoder
+        (`lowrank_decoder.point_iou`, equal to the official IoU up to rounding; `IOU_MARGIN` covers that)."""
+        dec = self.model.sam_mask_decoder
+        with self._autocast():
+            iou = point_iou(
+                dec,
+                image_embed=self.predictor._features["image_embed"],
+                dense=dense,
+                image_pe=self.model.sam_prompt_encoder.get_dense_pe(),
+                tokens=tokens,
+                batch_size=self.batch_size,
+            ).float()
+        margin = IOU_MARGIN if self.precision == "fp32" else 10 * IOU_MARGIN
+        return (iou[:, self._outputs()] > self.pred_iou_thresh - margin).any(dim=1).nonzero().squeeze(1)
+
+    def _decode(self, tokens: torch.Tensor, dense: torch.Tensor) -> _Candidates:
+        """Official `MaskDecoder.predict_masks` for a batch of prompts, upscaling only the points with a
+        candidate above `pred_iou_thresh`."""
+        model, dec = self.model, self.model.sam_mask_decoder
+        feats = self.predictor._features
+        image_pe = model.sam_prompt_encoder.get_dense_pe()
+        s = 1 if dec.pred_obj_scores else 0
+        b = tokens.shape[0]
         embed = feats["image_embed"]
         src = embed.expand(b, -1, -1, -1) + dense
         pos = image_pe.expand(b, -1, -1, -1)
@@ -195,15 +233,8 @@ class FastMaskGenerator:
         with self._autocast():
             hs, src = dec.transformer(src, pos, tokens)
             iou = dec.iou_prediction_head(hs[:, s, :]).float()
-        # which of the decoder's mask outputs this setting returns
-        if self.multimask_output:
-            outputs = slice(1, None)
-        elif dec.dynamic_multimask_via_stability and not dec.training:
-            outputs = slice(0, None)  # the choice among all four depends on the masks
-        else:
-            outputs = slice(0, 1)
         if self.pred_iou_thresh > 0.0:
-            keep = (iou[:, outputs] > self.pred_iou_thresh).any(dim=1).nonzero().squeeze(1)
+            keep = (iou[:, self._outputs()] > self.pred_iou_thresh).any(dim=1).nonzero().squeeze(1)
         else:
             keep = torch.arange(b, device=iou.device)
         if keep.numel() == 0:
@@ -232,9 +263,9 @@ class FastMaskGenerator:
             masks, iou = masks[:, 0:1], iou[:, 0:1]
         return _Candidates(masks.flatten(0, 1), iou.flatten(0, 1))
 
-    def _batches(self, points: torch.Tensor) -> Iterator[torch.Tensor]:
-        for start in range(0, points.shape[0], self.batch_size):
-            yield points[start : start + self.batch_size]
+    def _batches(self, n: int) -> Iterator[slice]:
+        for start in range(0, n, self.batch_size):
+            yield slice(start, start + self.batch_size)
 
     # -- the generator ------------------------------------------------------------------------------------------
 
@@ -253,10 +284,16 @@ class FastMaskGenerator:
             points = torch.as_tensor(grid, dtype=torch.float32, device=_device(self.model))
             points = self.predictor._transforms.transform_coords(points, normalize=True, orig_hw=size)
             side = 4 * self.predictor._bb_feat_sizes[-1][0]  # the decoder's low-resolution mask side
-            cand = _Candidates.cat([self._decode(p) for p in self._batches(points)], side=side)
+            tokens, dense = self._prompts(points)
+            counts = {"candidates": 3 * len(points) if self.multimask_output else len(points)}
+            if self.pred_iou_thresh > 0.0:
+                chosen = self._prefilter(tokens, dense)
+                tokens, dense = tokens[chosen], dense[chosen]
+            counts["points_decoded"] = len(tokens)
+            parts = [self._decode(tokens[b], dense[b]) for b in self._batches(len(tokens))]
+            cand = _Candidates.cat(parts, side=side)
         finally:
             self.predictor.reset_predictor()
-        counts = {"candidates": 3 * len(points) if self.multimask_output else len(points)}
         logits, iou = cand.logits, cand.iou
         if self.pred_iou_thresh > 0.0:
             keep = iou > self.pred_iou_thresh
