@@ -3,7 +3,13 @@
 The model is built with the official hydra config for the registry name (SAM 2 or SAM 2.1, told apart by the
 checkpoint's keys) with ``ckpt_path=None``; the user's checkpoint is read with our safe loader and loaded
 strictly, so a wrong file gives one clear error instead of a hydra traceback. Masks come from
-`sam2.automatic_mask_generator.SAM2AutomaticMaskGenerator`.
+`fast_masks.FastMaskGenerator` (implementation="fast", the default: the official generator's masks computed with
+the image encoder once, batched decoding and filtering on low-resolution logits) or from the official
+`sam2.automatic_mask_generator.SAM2AutomaticMaskGenerator` (implementation="official", the reference).
+
+The two implementations give the same masks up to the agreement the tests and `benchmarks/mask_speed.py` check
+(every official mask matched at IoU >= 0.9, counts within 5 %), so they share cache entries: the implementation
+is not part of the cache key. bf16 precision can move borderline masks, so a non-fp32 precision is.
 
 Cache entries are keyed by the decoded image content, the masker's identity (name, arch, checkpoint sha256,
 image size) and every generator setting, and written atomically as compressed ``.npz`` (bit-packed masks).
@@ -25,6 +31,7 @@ import numpy as np
 import torch
 
 from samadapt.encoders.checkpoint import check_finite, describe_contents, load_state_dict_safely, sha256_file
+from samadapt.encoders.fast_masks import FastMaskGenerator, resolve_precision
 from samadapt.encoders.registry import TINY_ARCHS, get_spec
 from samadapt.errors import CheckpointError, ConfigError
 from samadapt.store.keys import config_digest, entry_key, image_digest
@@ -41,6 +48,7 @@ _CONFIG_STEMS = {
     "sam2_hiera_l": "hiera_l",
     "medsam2": "hiera_t",  # SAM 2.1 Hiera-T; its registry entry's default size (512) is MedSAM2's
 }
+IMPLEMENTATIONS = ("fast", "official")
 # keys only SAM 2.1 checkpoints carry
 _SAM21_KEYS = ("no_obj_embed_spatial", "obj_ptr_tpos_proj.weight")
 
@@ -117,9 +125,19 @@ class SamMasker:
         checkpoint_sha256: str | None,
         settings: MaskerSettings,
         cache_dir: Path | None = None,
+        implementation: str = "fast",
+        precision: str = "fp32",
     ) -> None:
         from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
 
+        if implementation not in IMPLEMENTATIONS:
+            raise ConfigError(
+                f"unknown masker implementation {implementation!r}; use one of {', '.join(IMPLEMENTATIONS)}"
+            )
+        self.implementation = implementation
+        self.precision = resolve_precision(precision, next(model.parameters()).device)
+        if implementation == "official" and self.precision != "fp32":
+            raise ConfigError(f"the official masker runs in fp32 only, got precision {precision!r}")
         self.model = model
         self.name = name
         self.arch_name = arch_name
@@ -128,11 +146,20 @@ class SamMasker:
         self.checkpoint_sha256 = checkpoint_sha256
         self.settings = settings
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        with warnings.catch_warnings():  # SAM2Transforms calls torch.jit.script, deprecated in torch 2.14
-            warnings.simplefilter("ignore", FutureWarning)
-            self.generator = SAM2AutomaticMaskGenerator(model, output_mode="binary_mask", **asdict(settings))
-        # The predictor hard-codes the feature sizes of a 1024 input; other input sizes need their own.
-        self.generator.predictor._bb_feat_sizes = [(image_size // s, image_size // s) for s in (4, 8, 16)]
+        self.generator: SAM2AutomaticMaskGenerator | None = None
+        self.fast: FastMaskGenerator | None = None
+        if implementation == "official":
+            with warnings.catch_warnings():  # SAM2Transforms calls torch.jit.script, deprecated in torch 2.14
+                warnings.simplefilter("ignore", FutureWarning)
+                self.generator = SAM2AutomaticMaskGenerator(
+                    model, output_mode="binary_mask", **asdict(settings)
+                )
+            # The predictor hard-codes the feature sizes of a 1024 input; other input sizes need their own.
+            self.generator.predictor._bb_feat_sizes = [(image_size // s, image_size // s) for s in (4, 8, 16)]
+        else:
+            fields = asdict(settings)
+            fields.pop("points_per_batch")  # the fast path batches its own way; results do not depend on it
+            self.fast = FastMaskGenerator(model, **fields, precision=self.precision, image_size=image_size)
         self.hits = 0
         self.misses = 0
 
@@ -144,6 +171,8 @@ class SamMasker:
             "image_size": self.image_size,
             "checkpoint_sha256": self.checkpoint_sha256,
             **asdict(self.settings),
+            # fp32 keys stay those of the official generator (both implementations share entries)
+            **({"precision": self.precision} if self.precision != "fp32" else {}),
         }
 
     def key(self, image: np.ndarray) -> str:
@@ -176,7 +205,15 @@ class SamMasker:
         if rgb.dtype != np.uint8 or rgb.shape[2] != 3:
             raise ConfigError(f"masker expects uint8 HxW or HxWx3 images, got {rgb.dtype} {rgb.shape}")
         with quiet_root_logger():
-            records = self.generator.generate(np.ascontiguousarray(rgb))
+            if self.fast is not None:
+                masks, scores = self.fast.generate_arrays(np.ascontiguousarray(rgb))
+                records = [
+                    {"segmentation": m, "predicted_iou": float(p), "area": int(m.sum())}
+                    for m, p in zip(masks, scores, strict=True)
+                ]
+            else:
+                assert self.generator is not None
+                records = self.generator.generate(np.ascontiguousarray(rgb))
         return Masks.from_records(records, rgb.shape[0], rgb.shape[1])
 
 
@@ -240,11 +277,19 @@ def load_masker(
     arch: str | None = None,
     image_size: int | None = None,
     device: str | torch.device = "cpu",
+    implementation: str = "fast",
+    precision: str = "fp32",
 ) -> SamMasker:
     """A SAM 2 automatic masker from the user's checkpoint (official ``{"model": ...}`` format, strict keys).
 
     `arch="tiny"` builds the registry's tiny trunk (tests/demo); `checkpoint=None` keeps random weights.
+    `implementation`: "fast" (default) or "official" (sam2's generator, the reference); `precision`: "fp32"
+    (exact), "bf16" (fast path only) or "auto" (bf16 where native).
     """
+    if implementation not in IMPLEMENTATIONS:
+        raise ConfigError(
+            f"unknown masker implementation {implementation!r}; use one of {', '.join(IMPLEMENTATIONS)}"
+        )
     path = Path(checkpoint).expanduser() if checkpoint is not None else None
     state = None
     version = "2.1"
@@ -269,6 +314,8 @@ def load_masker(
         checkpoint_sha256=sha256_file(path) if path is not None else None,
         settings=settings or MaskerSettings(),
         cache_dir=Path(cache_dir) if cache_dir is not None else None,
+        implementation=implementation,
+        precision=precision,
     )
 
 

@@ -1,0 +1,131 @@
+"""SAM 2 automatic mask speed: the official `SAM2AutomaticMaskGenerator` against samadapt's fast generator.
+
+Both get the same weights (seeded random weights of the real sam2.1 hiera-t architecture, saved in the official
+``{"model": ...}`` format and loaded back through `load_masker`) and the same real image (scikit-image's
+astronaut, resized to 1024 on its longest side). Both run in this one process, alternating, so a busy machine
+slows them alike; times are medians over rounds (the official generator is slow: one round by default).
+
+Settings:
+- "official": the official defaults (32 x 32 points, pred_iou_thresh 0.8, stability_score_thresh 0.95). With
+  random weights nearly nothing survives them; this is the speed bar.
+- "permissive": thresholds 0 (16 x 16 points by default, to bound the official run's time), so that the
+  agreement check has masks to compare.
+
+Agreement (fp32): every official mask matched by one of ours at IoU >= 0.9, and the counts within 5 %.
+
+    python benchmarks/mask_speed.py                      # writes benchmarks/results/mask_speed.json
+    python benchmarks/mask_speed.py --points 8 --permissive-points 8 --out /tmp/m.json    # a quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from samadapt.encoders.mask_agreement import agreement, agrees  # noqa: E402
+from samadapt.encoders.masks import MaskerSettings, build_sam2_model, load_masker  # noqa: E402
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _image(side: int) -> np.ndarray:
+    from PIL import Image
+    from skimage import data
+
+    image = Image.fromarray(data.astronaut())
+    scale = side / max(image.size)
+    return np.asarray(image.resize((round(image.width * scale), round(image.height * scale)), Image.BILINEAR))
+
+
+def _time(fn: Any, rounds: int) -> tuple[float, Any]:
+    times, out = [], None
+    for _ in range(rounds):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--points", type=int, default=32, help="points per side at the official thresholds")
+    parser.add_argument("--permissive-points", type=int, default=16, help="points per side, thresholds 0")
+    parser.add_argument("--side", type=int, default=1024, help="longest image side")
+    parser.add_argument("--official-rounds", type=int, default=1)
+    parser.add_argument("--fast-rounds", type=int, default=3)
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/mask_speed.json")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    model, _, _ = build_sam2_model("sam2_hiera_t", version="2.1")
+    tmp = Path(tempfile.mkdtemp()) / "sam2.1_hiera_t_random.pt"
+    torch.save({"model": model.state_dict()}, tmp)
+    del model
+    image = _image(args.side)
+    result: dict[str, Any] = {
+        "cpu": _cpu_model(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "load_average_start": list(os.getloadavg()),
+        "torch": torch.__version__,
+        "model": "sam2.1 hiera-t (official architecture, seeded random weights, official file format)",
+        "image": f"skimage astronaut resized to {image.shape[1]}x{image.shape[0]}",
+        "precision": args.precision,
+        "settings": {},
+    }
+    runs = {
+        "official": MaskerSettings(points_per_side=args.points),
+        "permissive": MaskerSettings(
+            points_per_side=args.permissive_points, pred_iou_thresh=0.0, stability_score_thresh=0.0
+        ),
+    }
+    for name, settings in runs.items():
+        common = dict(settings=settings)
+        ours = load_masker("sam2_hiera_t", tmp, **common, precision=args.precision)
+        reference = load_masker("sam2_hiera_t", tmp, **common, implementation="official")
+        t_fast, fast_masks = _time(lambda m=ours: m.generate(image), args.fast_rounds)
+        t_official, official_masks = _time(lambda m=reference: m.generate(image), args.official_rounds)
+        stats = agreement(official_masks.masks, fast_masks.masks)
+        result["settings"][name] = {
+            "masker_settings": settings.__dict__,
+            "official_s": round(t_official, 2),
+            "fast_s": round(t_fast, 2),
+            "ratio_official_over_fast": round(t_official / t_fast, 2),
+            "official_rounds": args.official_rounds,
+            "fast_rounds": args.fast_rounds,
+            "fast_stage_counts": ours.fast.last_counts,
+            "agreement": stats,
+            "agrees": agrees(stats),
+            "load_average_after": list(os.getloadavg()),
+        }
+        print(name, json.dumps(result["settings"][name]), flush=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,355 @@
+"""A fast SAM 2 automatic mask generator with the official generator's arithmetic and output.
+
+`sam2.automatic_mask_generator.SAM2AutomaticMaskGenerator` decodes every grid point in batches of
+`points_per_batch`, upsamples all 3 candidate masks of every point to the full image, and filters afterwards.
+This generator runs the same official modules in another order:
+
+1. the image encoder once (`SAM2ImagePredictor.set_image`, so the features are the official ones);
+2. all point prompts through the prompt encoder at once; with `pred_iou_thresh > 0` their predicted IoU first
+   comes from `lowrank_decoder.point_iou` (the official transformer's arithmetic on a thin representation of the
+   per-prompt image tokens, several times cheaper); only points with a candidate within `IOU_MARGIN` of the
+   threshold go through the official mask decoder (transformer, then the upscaling convolutions only for the
+   points whose official IoU passes), in batches of `batch_size`;
+3. the stability score is first computed on the 256x256 low-resolution logits; only candidates within
+   `STABILITY_MARGIN` of `stability_score_thresh` are upsampled (chunk by chunk, never all at once) for the
+   official full-image stability score and box (the low-resolution score only decides which masks are
+   certainly out; the benchmark records how many full-image survivors it would have dropped);
+4. box NMS (torchvision's `batched_nms`, predicted IoU as score, as the official code) on the official
+   full-image boxes, found from row / column maxima of the upsampled logits;
+5. only the kept masks are upsampled to the image size.
+
+`min_mask_region_area > 0`: the official generator hands it to `SAM2Transforms` as hole / sprinkle areas, filled
+on the low-resolution logits through sam2's CUDA connected-components extension (on an install without
+`sam2._C` the official code warns and skips it). Here the same rule runs on the CPU with scipy's 8-connected
+labelling, so the setting takes effect everywhere.
+
+Precision: "fp32" is the exact mode; "bf16" runs the decoder under CPU/CUDA autocast (fast only where bf16 is
+native: AMX / AVX512-BF16 CPUs, recent GPUs; emulated and slower elsewhere); `resolve_precision("auto")` picks.
+Crop layers (`crop_n_layers > 0`) and the m2m refinement are not implemented here: use the official generator.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.ops.boxes import batched_nms
+
+from samadapt.encoders.lowrank_decoder import point_iou
+from samadapt.errors import ConfigError
+
+PRECISIONS = ("fp32", "bf16")
+# Candidates whose low-resolution stability is this far below the threshold are dropped without upsampling.
+STABILITY_MARGIN = 0.1
+# The thin-keys IoU equals the official one up to float rounding (~1e-7); points this close to the threshold
+# are decoded the official way, whose IoU then decides.
+IOU_MARGIN = 1e-3
+# Masks upsampled to the full image at once (memory: chunk * H * W floats).
+UPSAMPLE_CHUNK = 32
+
+
+def native_bf16(device: torch.device | str = "cpu") -> bool:
+    """Whether bf16 matrix math is native on `device` (CUDA with bf16, or a CPU with AMX / AVX512-BF16)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device | str = "cpu") -> str:
+    """ "fp32" / "bf16" as given; "auto" is bf16 only where it is native, else fp32."""
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown masker precision {precision!r}; use one of auto, {', '.join(PRECISIONS)}")
+    return precision
+
+
+def point_grid(n_per_side: int) -> np.ndarray:
+    """The official grid (`sam2.utils.amg.build_point_grid`): n x n cell centres in [0, 1], x fastest."""
+    from sam2.utils.amg import build_point_grid
+
+    return build_point_grid(n_per_side)
+
+
+def stability_score(logits: torch.Tensor, *, threshold: float, offset: float) -> torch.Tensor:
+    """The official stability score (IoU of the masks at threshold +- offset) of [K, H, W] logits."""
+    inter = (logits > threshold + offset).flatten(1).sum(1, dtype=torch.int64)
+    union = (logits > threshold - offset).flatten(1).sum(1, dtype=torch.int64)
+    return inter / union
+
+
+def fill_small_regions(logits: torch.Tensor, *, area: int, threshold: float) -> torch.Tensor:
+    """`SAM2Transforms.postprocess_masks`' hole filling and sprinkle removal on [K, h, w] logits, on the CPU.
+
+    Background components (logit <= threshold, 8-connected) of at most `area` pixels become threshold + 10, then
+    foreground components of at most `area` pixels become threshold - 10, as the official CUDA path does.
+    """
+    from scipy import ndimage
+
+    out = logits.float().cpu().numpy().copy()
+    structure = np.ones((3, 3), bool)
+    for k in range(out.shape[0]):
+        for fg, value in ((False, threshold + 10.0), (True, threshold - 10.0)):
+            region = out[k] > threshold if fg else out[k] <= threshold
+            labels, n = ndimage.label(region, structure=structure)
+            if n == 0:
+                continue
+            sizes = np.bincount(labels.ravel())
+            small = (sizes <= area) & (np.arange(len(sizes)) > 0)
+            out[k][small[labels]] = value
+    return torch.from_numpy(out).to(logits.device)
+
+
+@dataclass
+class _Candidates:
+    """Low-resolution candidates of one image: logits [K, 256, 256], predicted IoU [K]."""
+
+    logits: torch.Tensor
+    iou: torch.Tensor
+
+    @classmethod
+    def cat(cls, parts: list[_Candidates], *, side: int) -> _Candidates:
+        if not parts:
+            return cls(torch.zeros(0, side, side), torch.zeros(0))
+        return cls(torch.cat([p.logits for p in parts]), torch.cat([p.iou for p in parts]))
+
+
+class FastMaskGenerator:
+    """`SAM2AutomaticMaskGenerator`'s masks for one image, the fast way (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        points_per_side: int = 32,
+        pred_iou_thresh: float = 0.8,
+        stability_score_thresh: float = 0.95,
+        stability_score_offset: float = 1.0,
+        mask_threshold: float = 0.0,
+        box_nms_thresh: float = 0.7,
+        crop_n_layers: int = 0,
+        min_mask_region_area: int = 0,
+        multimask_output: bool = True,
+        batch_size: int = 64,
+        precision: str = "fp32",
+        image_size: int = 1024,
+    ) -> None:
+        from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+        if crop_n_layers != 0:
+            raise ConfigError(
+                f"the fast masker does not implement crop layers (crop_n_layers={crop_n_layers}); "
+                "use implementation='official'"
+            )
+        if points_per_side < 1:
+            raise ConfigError(f"points_per_side must be at least 1, got {points_per_side}")
+        self.model = model
+        self.points_per_side = points_per_side
+        self.pred_iou_thresh = pred_iou_thresh
+        self.stability_score_thresh = stability_score_thresh
+        self.stability_score_offset = stability_score_offset
+        self.mask_threshold = mask_threshold
+        self.box_nms_thresh = box_nms_thresh
+        self.min_mask_region_area = min_mask_region_area
+        self.multimask_output = multimask_output
+        self.batch_size = batch_size
+        self.precision = resolve_precision(precision, _device(model))
+        with warnings.catch_warnings():  # SAM2Transforms calls torch.jit.script, deprecated in torch 2.14
+            warnings.simplefilter("ignore", FutureWarning)
+            self.predictor = SAM2ImagePredictor(model)
+        self.predictor._bb_feat_sizes = [(image_size // s, image_size // s) for s in (4, 8, 16)]
+        # diagnostics of the last call: candidates after each stage
+        self.last_counts: dict[str, int] = {}
+
+    # -- decoding -----------------------------------------------------------------------------------------------
+
+    def _autocast(self) -> Any:
+        if self.precision == "bf16":
+            return torch.autocast(_device(self.model).type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _outputs(self) -> slice:
+        """Which of the decoder's mask outputs (and IoU predictions) this setting can return."""
+        dec = self.model.sam_mask_decoder
+        if self.multimask_output:
+            return slice(1, None)
+        if dec.dynamic_multimask_via_stability and not dec.training:
+            return slice(0, None)  # the choice among all four depends on the masks
+        return slice(0, 1)
+
+    def _prompts(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(decoder tokens [P, T, C]: output tokens then the sparse prompt, dense embeddings [P, C, h, w]) of
+        single-point prompts [P, 2] in model coordinates, as `MaskDecoder.predict_masks` assembles them."""
+        model, dec = self.model, self.model.sam_mask_decoder
+        labels = torch.ones(points.shape[0], 1, dtype=torch.int, device=points.device)
+        sparse, dense = model.sam_prompt_encoder(points=(points[:, None, :], labels), boxes=None, masks=None)
+        heads = [dec.iou_token.weight, dec.mask_tokens.weight]
+        if dec.pred_obj_scores:
+            heads.insert(0, dec.obj_score_token.weight)
+        b = sparse.shape[0]
+        tokens = torch.cat((torch.cat(heads, dim=0).unsqueeze(0).expand(b, -1, -1), sparse), dim=1)
+        return tokens, dense
+
+    def _prefilter(self, tokens: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        """Indices of the prompts with a candidate that can pass `pred_iou_thresh`, from the thin-keys decoder
+        (`lowrank_decoder.point_iou`, equal to the official IoU up to rounding; `IOU_MARGIN` covers that)."""
+        dec = self.model.sam_mask_decoder
+        with self._autocast():
+            iou = point_iou(
+                dec,
+                image_embed=self.predictor._features["image_embed"],
+                dense=dense,
+                image_pe=self.model.sam_prompt_encoder.get_dense_pe(),
+                tokens=tokens,
+                batch_size=self.batch_size,
+            ).float()
+        margin = IOU_MARGIN if self.precision == "fp32" else 10 * IOU_MARGIN
+        return (iou[:, self._outputs()] > self.pred_iou_thresh - margin).any(dim=1).nonzero().squeeze(1)
+
+    def _decode(self, tokens: torch.Tensor, dense: torch.Tensor) -> _Candidates:
+        """Official `MaskDecoder.predict_masks` for a batch of prompts, upscaling only the points with a
+        candidate above `pred_iou_thresh`."""
+        model, dec = self.model, self.model.sam_mask_decoder
+        feats = self.predictor._features
+        image_pe = model.sam_prompt_encoder.get_dense_pe()
+        s = 1 if dec.pred_obj_scores else 0
+        b = tokens.shape[0]
+        embed = feats["image_embed"]
+        src = embed.expand(b, -1, -1, -1) + dense
+        pos = image_pe.expand(b, -1, -1, -1)
+        c, h, w = embed.shape[1:]
+        with self._autocast():
+            hs, src = dec.transformer(src, pos, tokens)
+            iou = dec.iou_prediction_head(hs[:, s, :]).float()
+        if self.pred_iou_thresh > 0.0:
+            keep = (iou[:, self._outputs()] > self.pred_iou_thresh).any(dim=1).nonzero().squeeze(1)
+        else:
+            keep = torch.arange(b, device=iou.device)
+        if keep.numel() == 0:
+            return _Candidates(torch.zeros(0, 4 * h, 4 * w), torch.zeros(0))
+        hs, src, iou = hs[keep], src[keep], iou[keep]
+        with self._autocast():
+            src = src.transpose(1, 2).reshape(len(keep), c, h, w)
+            dc1, ln1, act1, dc2, act2 = dec.output_upscaling
+            if dec.use_high_res_features:
+                feat_s0, feat_s1 = feats["high_res_feats"]
+                up = act1(ln1(dc1(src) + feat_s1))
+                up = act2(dc2(up) + feat_s0)
+            else:
+                up = dec.output_upscaling(src)
+            tokens_out = hs[:, s + 1 : s + 1 + dec.num_mask_tokens, :]
+            hyper = torch.stack(
+                [mlp(tokens_out[:, i, :]) for i, mlp in enumerate(dec.output_hypernetworks_mlps)], dim=1
+            )
+            bk, ck, hk, wk = up.shape
+            masks = (hyper @ up.reshape(bk, ck, hk * wk)).reshape(bk, -1, hk, wk).float()
+        if self.multimask_output:
+            masks, iou = masks[:, 1:], iou[:, 1:]
+        elif dec.dynamic_multimask_via_stability and not dec.training:
+            masks, iou = dec._dynamic_multimask_via_stability(masks, iou)
+        else:
+            masks, iou = masks[:, 0:1], iou[:, 0:1]
+        return _Candidates(masks.flatten(0, 1), iou.flatten(0, 1))
+
+    def _batches(self, n: int) -> Iterator[slice]:
+        for start in range(0, n, self.batch_size):
+            yield slice(start, start + self.batch_size)
+
+    # -- the generator ------------------------------------------------------------------------------------------
+
+    def _upsample(self, logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Low-resolution logits [K, h, w] -> [K, H, W] as `SAM2Transforms.postprocess_masks` does."""
+        return F.interpolate(logits[:, None].float(), size, mode="bilinear", align_corners=False)[:, 0]
+
+    @torch.inference_mode()
+    def generate_arrays(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(masks [K, H, W] bool, predicted IoU [K]) of one HxWx3 uint8 image, in the official output order."""
+        height, width = image.shape[:2]
+        size = (height, width)
+        self.predictor.set_image(image)
+        try:
+            grid = point_grid(self.points_per_side) * np.array([[width, height]])
+            points = torch.as_tensor(grid, dtype=torch.float32, device=_device(self.model))
+            points = self.predictor._transforms.transform_coords(points, normalize=True, orig_hw=size)
+            side = 4 * self.predictor._bb_feat_sizes[-1][0]  # the decoder's low-resolution mask side
+            tokens, dense = self._prompts(points)
+            counts = {"candidates": 3 * len(points) if self.multimask_output else len(points)}
+            if self.pred_iou_thresh > 0.0:
+                chosen = self._prefilter(tokens, dense)
+                tokens, dense = tokens[chosen], dense[chosen]
+            counts["points_decoded"] = len(tokens)
+            parts = [self._decode(tokens[b], dense[b]) for b in self._batches(len(tokens))]
+            cand = _Candidates.cat(parts, side=side)
+        finally:
+            self.predictor.reset_predictor()
+        logits, iou = cand.logits, cand.iou
+        if self.pred_iou_thresh > 0.0:
+            keep = iou > self.pred_iou_thresh
+            logits, iou = logits[keep], iou[keep]
+        counts["after_iou"] = len(iou)
+        if self.min_mask_region_area > 0 and len(iou):
+            logits = fill_small_regions(logits, area=self.min_mask_region_area, threshold=self.mask_threshold)
+        thr, offset = self.mask_threshold, self.stability_score_offset
+        if self.stability_score_thresh > 0.0:
+            low = stability_score(logits, threshold=thr, offset=offset)
+            pre = low >= self.stability_score_thresh - STABILITY_MARGIN
+            logits, iou = logits[pre], iou[pre]
+            counts["after_stability_prefilter"] = len(iou)
+        # the official full-image stability score and box, chunk by chunk, for the candidates left
+        stab, boxes = [], []
+        for start in range(0, len(iou), UPSAMPLE_CHUNK):
+            full = self._upsample(logits[start : start + UPSAMPLE_CHUNK], size)
+            if self.stability_score_thresh > 0.0:
+                stab.append(stability_score(full, threshold=thr, offset=offset))
+            boxes.append(_boxes_of_logits(full, threshold=thr))
+            del full
+        boxes_t = torch.cat(boxes) if boxes else torch.zeros(0, 4)
+        if stab:
+            keep = torch.cat(stab) >= self.stability_score_thresh
+            logits, iou, boxes_t = logits[keep], iou[keep], boxes_t[keep]
+        counts["after_stability"] = len(iou)
+        if len(iou):
+            keep = batched_nms(boxes_t.float(), iou, torch.zeros_like(boxes_t[:, 0]), self.box_nms_thresh)
+            logits, iou = logits[keep], iou[keep]
+        counts["after_nms"] = len(iou)
+        self.last_counts = counts
+        masks = np.zeros((len(iou), height, width), bool)
+        for start in range(0, len(iou), UPSAMPLE_CHUNK):
+            full = self._upsample(logits[start : start + UPSAMPLE_CHUNK], size)
+            masks[start : start + len(full)] = (full > thr).cpu().numpy()
+        return masks, iou.float().cpu().numpy()
+
+
+def _boxes_of_logits(logits: torch.Tensor, *, threshold: float) -> torch.Tensor:
+    """XYXY boxes of the masks `logits > threshold` ([K, H, W]), [0, 0, 0, 0] for empty ones, as
+    `sam2.utils.amg.batched_mask_to_box` gives, from two max-reductions instead of the full boolean masks."""
+    rows = logits.amax(dim=2) > threshold  # [K, H]
+    cols = logits.amax(dim=1) > threshold  # [K, W]
+    height, width = rows.shape[1], cols.shape[1]
+
+    def edges(any_: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.arange(n, device=any_.device)
+        first = torch.where(any_, idx, n).amin(dim=1)
+        last = torch.where(any_, idx, -1).amax(dim=1)
+        return first, last
+
+    y0, y1 = edges(rows, height)
+    x0, x1 = edges(cols, width)
+    box = torch.stack([x0, y0, x1, y1], dim=1)
+    return torch.where(rows.any(dim=1, keepdim=True), box, torch.zeros_like(box))
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
