@@ -68,6 +68,9 @@ class _Base(RunConfig):
         None, "tiny: the registry's tiny SAM 2 (tests/demo)"
     )
     masker_image_size: int | None = setting(None, "SAM 2 input size (default 1024)")
+    masker_implementation: Literal["fast", "official"] = setting(
+        "fast", "fast (same masks, computed the fast way) or official (sam2's SAM2AutomaticMaskGenerator)"
+    )
     mask_cache: str | None = setting(None, "mask cache folder (default OUT/mask_cache)", run_only=True)
     class_names: list[str] | None = setting(None, "comma-separated class names for the prompts")
     device: str | None = setting("cpu", "cpu, cuda or auto", run_only=True)

@@ -55,6 +55,7 @@ def predict_images(
         masker = load_masker(
             cfg.masker, masker_checkpoint, settings=cfg.masker_settings, arch=cfg.masker_arch,
             image_size=mident["image_size"], cache_dir=cfg.mask_cache or out / "mask_cache", device=device,
+            implementation=cfg.masker_implementation,
         )  # fmt: skip
     state = load_weights(run / "model.safetensors")
     model = build_model(method, clip, class_names, options, state=state)

@@ -131,6 +131,7 @@ def load_masker_for(cfg: Any, *, out: Path) -> SamMasker:
     return load_masker(
         cfg.masker, cfg.masker_checkpoint, settings=cfg.masker_settings, arch=cfg.masker_arch,
         image_size=cfg.masker_image_size, cache_dir=cfg.mask_cache or (out / "mask_cache"), device=cfg.device,
+        implementation=cfg.masker_implementation,
     )  # fmt: skip
 
 

@@ -31,7 +31,7 @@ class FewShotTask(Task):
     }  # fmt: skip
     prepare_fields = (
         "data", "split_seed", "class_names", "clip", "clip_checkpoint", "quick_gelu", "masker", "masker_checkpoint",
-        "masker_arch", "masker_image_size", "mask_cache", "device", "points_per_side", "points_per_batch",
+        "masker_arch", "masker_image_size", "masker_implementation", "mask_cache", "device", "points_per_side", "points_per_batch",
         "pred_iou_thresh", "stability_score_thresh", "stability_score_offset", "box_nms_thresh", "crop_n_layers",
         "min_mask_region_area", "multimask_output", "overlay_palette", "overlay_alpha", "overlay_outline",
         "overlay_outline_color", "overlay_outline_width", "overlay_max_masks", "max_area_fraction",
