@@ -55,8 +55,7 @@ def export_items(
     weights = load_weights(run / "model.safetensors")
     fields = recorded.get("encoder_fields") or {}
     size = int(fields.get("image_size") or cfg.encoder_image_size or 1024)
-    grid = size // 16
-    channels = 256
+    channels, grid, _ = recorded.get("embedding_shape") or [256, size // 16, size // 16]
     glue: dict[str, Any] = {"class_names": class_names, "output": "probabilities [B, classes], softmax"}
     if cfg.method == "linear-probe":
         item = ExportItem(

@@ -104,6 +104,9 @@ class ClassifyTask(Task):
             "class_names": list(prepared.class_names),
             "encoder_fields": prepared.encoder_fields if uses_sam else None,
             "checkpoint_sha256": prepared.checkpoint_sha256 if uses_sam else None,
+            "embedding_shape": list(prepared.embeddings.shape[1:])
+            if uses_sam
+            else None,  # [C, h, w] per image
         }
 
     def describe(self, cfg: ClassifyConfig, evaluation: Evaluation) -> list[str]:  # type: ignore[override]

@@ -27,9 +27,13 @@ def export_items(cfg: SegmentConfig, recorded: dict[str, Any], *, run: Path) -> 
         "to_labels": "logits resized bilinearly to side x side, cropped to H x W, argmax over classes",
     }
     if cfg.method in EMBEDDING_HEADS:
-        grid = cfg.encoder_size // 16
+        channels, gh, gw = recorded.get("embedding_shape") or [
+            256,
+            cfg.encoder_size // 16,
+            cfg.encoder_size // 16,
+        ]
         item = ExportItem(
-            name="model", module=head, example_inputs=(torch.zeros(2, 256, grid, grid),), input_names=["embedding"],
+            name="model", module=head, example_inputs=(torch.zeros(2, channels, gh, gw),), input_names=["embedding"],
             output_names=["logits"], dynamic_axes={"embedding": {0: "batch"}},
             inputs={"embedding": "encoder.onnx's output for the square uint8 slice (preprocessing.json)"},
         )  # fmt: skip

@@ -80,6 +80,7 @@ class SegmentTask(Task):
             "layout": prepared.dataset.layout,
             "checkpoint_sha256": encoder.checkpoint_sha256 if encoder is not None else None,
             "encoder_fields": encoder.cache_key_fields() if encoder is not None else None,
+            "embedding_shape": list(prepared.table("val").shape[1:]) if encoder is not None else None,
             "intensity_window": "per-volume 0.5-99.5 percentile clip, min-max to uint8",
         }
 
