@@ -193,3 +193,46 @@ def test_missing_file_is_one_line_naming_it(
     with pytest.raises(error, match=message) as info:
         load_clip(str(broken), None)
     assert str(broken) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_fewshot_train_and_predict_with_a_biomedclip_folder(biomedclip, tmp_path: Path, capsys) -> None:
+    """`samadapt train --task fewshot --clip <BiomedCLIP folder>` end to end (no --clip-checkpoint: the folder's
+    own weights), then predict with the run; a folder missing its weights is one line naming the file."""
+    from PIL import Image
+
+    from samadapt.cli.main import main
+    from samadapt.tasks.fewshot.synthetic import write_toy_npz
+
+    folder, _ = biomedclip
+    data = write_toy_npz(tmp_path / "toy.npz", size=160)
+    run = tmp_path / "run"
+    argv = ["train", "--task", "fewshot", "--data", str(data), "--method", "linear-probe", "--clip", str(folder),
+            "--class-names", "nevus,melanoma", "--prompt-template", "this is a photo of {class}", "--no-progress",
+            "--out", str(run)]  # fmt: skip
+    assert main(argv) == 0
+    import yaml
+
+    identity = yaml.safe_load((run / "config.yaml").read_text())["recorded"]["clip_identity"]
+    assert identity["clip_checkpoint_sha256"], "the folder's own weights were loaded, not random ones"
+    assert json.loads((run / "metrics.json").read_text())["n_train"] == 12
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray((np.random.default_rng(0).random((64, 64)) * 255).astype(np.uint8)).save(images / "a.png")
+    assert main(["predict", "--run", str(run), "--images", str(images), "--out", str(tmp_path / "pred"),
+                 "--no-progress"]) == 0  # fmt: skip
+    assert (
+        (tmp_path / "pred" / "predictions.csv")
+        .read_text()
+        .startswith("id,predicted,prob_nevus,prob_melanoma")
+    )
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    (broken / "open_clip_pytorch_model.bin").unlink()
+    argv[argv.index(str(folder))] = str(broken)
+    argv[-1] = str(tmp_path / "r2")
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        len(err) == 1 and "broken" in err[0] and ("open_clip_pytorch_model" in err[0] or "weights" in err[0])
+    )
