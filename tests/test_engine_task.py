@@ -209,3 +209,15 @@ def test_files_that_are_not_images_are_named_not_dropped(tmp_path) -> None:
     (tmp_path / "notes.txt").write_text("not an image")
     with pytest.warns(UserWarning, match=r"skipped 1 file\(s\) that are not images: notes.txt"):
         assert list_images(tmp_path) == [tmp_path / "a.png"]
+
+
+def test_train_spellings_in_a_sweep_are_one_value_axes(toy_task, tmp_path) -> None:
+    """`--seed 3` in a sweep is seed 3 (not seeds 0..2); `--seeds 3` is seeds 0..2; `seed: 1` in the file is seed 1."""
+    out = tmp_path / "a"
+    assert main(["sweep", "--task", "toy", "--methods", "centroid", "--budgets", "1", "--seed", "3",
+                 "--out", str(out)]) == 0  # fmt: skip
+    assert [p.name for p in (out / "runs").iterdir()] == ["centroid_b1_s3"]
+    config = tmp_path / "toy.yaml"
+    config.write_text("task: toy\nmethods: [centroid]\nfraction: 1.0\nseed: 1\n")
+    assert main(["sweep", "--config", str(config), "--out", str(tmp_path / "b")]) == 0
+    assert [p.name for p in (tmp_path / "b" / "runs").iterdir()] == ["centroid_b1_s1"]

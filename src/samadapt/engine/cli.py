@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from samadapt.engine.config import RunConfig, build_config, canonical_key, field_meta, read_yaml_mapping
-from samadapt.engine.flags import add_config_flags, axis_fields, flag_of, given_settings, parse_grid
+from samadapt.engine.flags import SINGLE, add_config_flags, axis_fields, flag_of, given_settings, parse_grid
 from samadapt.engine.registry import TASKS, get_task
 from samadapt.engine.task import Task
 from samadapt.errors import ConfigError
@@ -181,16 +181,20 @@ def sweep_axes(task: Task, args: argparse.Namespace, file_values: dict[str, Any]
 
                     warnings.warn(f"{args.config}: {key!r} is deprecated; use {yaml_keys[0]!r}", FutureWarning,
                                   stacklevel=2)  # fmt: skip
-        if name in file_values and (found is None) and isinstance(file_values[name], list | str):
-            value = file_values[name]
-            if isinstance(value, list) or "," in value:
-                found = file_values.pop(name)
+        if (
+            name in file_values and found is None
+        ):  # the plain key: a list is an axis, a value a one-value axis
+            value = file_values.pop(name)
+            found = value if isinstance(value, list) or (isinstance(value, str) and "," in value) else [value]
+        if hasattr(args, name + SINGLE):
+            found = [getattr(args, name + SINGLE)]
         if hasattr(args, name):
             found = getattr(args, name)
         if found is None:
             found = task.sweep_defaults.get(name)
         if found is None:
             continue
+        # seeds: N means 0..N-1, a list (or `--seed S`, `seed: S`) those seeds
         axes[name] = expand_seeds(found) if name == "seed" else as_list(found)
     for key, values in parse_grid(model, getattr(args, "grid", None)).items():
         axes[key] = values
@@ -207,8 +211,9 @@ def sweep(task: Task, rest: list[str]) -> int:
     }
     axes = sweep_axes(task, args, file_values)
     for name in axes:  # axis values given on the command line are not single settings
-        if hasattr(args, name):
-            delattr(args, name)
+        for attr in (name, name + SINGLE):
+            if hasattr(args, attr):
+                delattr(args, attr)
     layers = config_layers(task, args, file_values=file_values)
     first = {name: values[0] for name, values in axes.items()}
     base = build_config(task.Config, [*layers, ("sweep axes", first)])

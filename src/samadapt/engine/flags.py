@@ -16,7 +16,7 @@ from typing import Any
 from samadapt.engine.config import RunConfig, field_meta, is_bool, literal_choices
 from samadapt.errors import ConfigError
 
-AXES_ATTR = "_sweep_axes"
+SINGLE = "__single"  # dest suffix of an axis given with its train spelling (one value)
 
 
 class DeprecatedFlag(argparse.Action):
@@ -48,9 +48,13 @@ def add_config_flags(parser: argparse.ArgumentParser, model: type[RunConfig], *,
         axis = sweep and bool(info.get("sweep_flag"))
         canonical = flag_of(model, name, sweep=axis)
         names = [canonical, *(info.get("sweep_aliases", []) if axis else info.get("aliases", []))]
-        if axis:  # the train spelling of an axis (`--method m`) is accepted in a sweep as a one-value axis
-            names.append(flag_of(model, name))
-            names += info.get("aliases", [])
+        if axis:  # the train spelling of an axis (`--seed 3`, `--method m`) is a one-value axis in a sweep
+            singles = [
+                s for s in dict.fromkeys([flag_of(model, name), *info.get("aliases", [])]) if s not in names
+            ]
+            group.add_argument(
+                *singles, dest=name + SINGLE, default=argparse.SUPPRESS, help=argparse.SUPPRESS
+            )
         names = list(dict.fromkeys(names))
         help_text = field.description or ""
         choices = literal_choices(field.annotation)
