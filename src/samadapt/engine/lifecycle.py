@@ -70,9 +70,8 @@ def execute_run(
     tmp = partial_dir(final)
     main = dist is None or dist.is_main
     started = time.perf_counter()
-    prepared = (
-        prepared if prepared is not None else prepared_for(task, cfg)
-    )  # bad data fails before any deletion
+    # read (and check) the data first: bad data fails before anything of an earlier run is touched
+    prepared = prepared if prepared is not None else prepared_for(task, cfg)
     if main:
         _start(tmp, resume=resume)
     tracker = open_tracker(task, cfg) if main else None

@@ -129,9 +129,8 @@ def run_sweep(
             kept.append(cfg)
     configs = kept
     out.mkdir(parents=True, exist_ok=True)
-    dump_config(
-        out / "sweep.yaml", base, recorded={"axes": axes, "runs": [Path(c.out).name for c in configs]}
-    )
+    runs = [Path(c.out).name for c in configs]
+    dump_config(out / "sweep.yaml", base, recorded={"axes": axes, "runs": runs})
     todo = [cfg for cfg in configs if not is_finished(Path(cfg.out))]
     for cfg in configs:
         if cfg not in todo:
@@ -140,17 +139,14 @@ def run_sweep(
     failed: list[Any] = []
     try:
         if todo:
-            prepared_for(
-                task, todo[0]
-            )  # fill the shared caches (embedding store, masks) once, before any run
+            # fill the shared caches (embedding store, masks) once, before any run
+            prepared_for(task, todo[0])
             if parent is not None:
-                todo = [
-                    cfg.replace(track_parent=parent.run_id, track_uri=_child_uri(base, out)) for cfg in todo
-                ]
+                uri = _child_uri(base, out)
+                todo = [cfg.replace(track_parent=parent.run_id, track_uri=uri) for cfg in todo]
             specs = [(task.name, cfg.to_dict(), resume) for cfg in todo]
-            if (
-                launcher is None
-            ):  # in this process, one after another: a run's error stops the sweep, as it says
+            if launcher is None:
+                # in this process, one after another: a run's error stops the sweep with that error
                 for spec in specs:
                     run_job(spec)
             else:
