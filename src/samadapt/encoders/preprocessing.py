@@ -11,6 +11,9 @@ float32 tensor [3, S, S] plus `PreprocessMeta` (what was done, so masks can be m
   then min-max to [0, 1] over the whole image; no mean/std.
 - ``sam2``: SAM 2 / 2.1 (``SAM2Transforms``): ``ToTensor`` (to [0, 1]), ``Resize((S, S))`` on the float tensor
   (bilinear, antialias), ImageNet ``Normalize`` mean [0.485, 0.456, 0.406] std [0.229, 0.224, 0.225].
+- ``sam3``: SAM 3 (``Sam3Processor``): the image as a uint8 tensor, torchvision v2 ``Resize((S, S))`` on the uint8
+  tensor (bilinear, antialias, rounded back to uint8), ``ToDtype(float32, scale=True)`` (to [0, 1]), ``Normalize``
+  with mean = std = 0.5 (to [-1, 1]).
 
 Grey images are replicated to three channels first, exactly as the official scripts do for grey inputs.
 """
@@ -112,14 +115,34 @@ def preprocess_sam2(image: np.ndarray, size: int) -> tuple[torch.Tensor, Preproc
     return x.contiguous(), PreprocessMeta((h, w), (size, size), size)
 
 
+def preprocess_sam3(image: np.ndarray, size: int) -> tuple[torch.Tensor, PreprocessMeta]:
+    from torchvision.transforms import v2
+
+    rgb = as_rgb_uint8(image)
+    h, w = rgb.shape[:2]
+    # Sam3Processor.set_image: v2.functional.to_image, then its transform (the uint8 -> uint8 ToDtype is a no-op).
+    transform = v2.Compose(
+        [
+            v2.ToDtype(torch.uint8, scale=True),
+            v2.Resize(size=(size, size)),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5]),
+        ]
+    )
+    x = transform(v2.functional.to_image(rgb))
+    return x.as_subclass(torch.Tensor).contiguous(), PreprocessMeta((h, w), (size, size), size)
+
+
 PREPROCESSORS: dict[str, Callable[[np.ndarray, int], tuple[torch.Tensor, PreprocessMeta]]] = {
     "sam": preprocess_sam,
     "medsam": preprocess_medsam,
     "sam2": preprocess_sam2,
+    "sam3": preprocess_sam3,
 }
 
 PREPROCESSING_DESCRIPTIONS: dict[str, str] = {
     "sam": "longest side to S (PIL bilinear), (x-mean)/std on 0-255 (SAM pixel mean/std), zero pad right/bottom",
     "medsam": "square resize to S (skimage bicubic, anti-aliased, back to uint8), min-max to [0,1], no mean/std",
     "sam2": "square resize to S (bilinear, antialias) on [0,1], ImageNet mean/std",
+    "sam3": "square resize to S (bilinear, antialias) on uint8, to [0,1], mean/std 0.5 (to [-1,1])",
 }

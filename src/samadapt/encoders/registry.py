@@ -14,13 +14,16 @@ class EncoderSpec:
     """One encoder: its architecture family and numbers, and the preprocessing its checkpoint was trained with."""
 
     name: str
-    family: str  # "sam" (SAM-1 ViT), "sam2" (Hiera + FPN) or "mobilesam" (TinyViT + SAM neck)
+    family: (
+        str  # "sam" (SAM-1 ViT), "sam2" (Hiera + FPN), "mobilesam" (TinyViT + SAM neck), "sam3" (RoPE ViT)
+    )
     arch: dict[str, Any]
     preprocessing: str  # key of samadapt.encoders.preprocessing.PREPROCESSORS
     default_image_size: int = 1024
     official_files: tuple[str, ...] = ()
     description: str = ""
     aliases: tuple[str, ...] = field(default=())
+    embedding_stride: int = 16  # input pixels per embedding cell (the embedding grid is S / stride)
 
 
 _SAM_VIT_COMMON = {"patch_size": 16, "window_size": 14, "out_chans": 256, "mlp_ratio": 4.0}
@@ -77,6 +80,14 @@ MOBILESAM_VIT_T = {
     "out_chans": 256,
 }  # fmt: skip
 
+# SAM 3 (official sam3.model_builder._create_vit_backbone / _create_vit_neck): RoPE ViT-L-like trunk at 1008 px,
+# patch 14 (72 x 72 grid), 24 x 24 windows, position table trained at 336 px (24 x 24) tiled; SimpleFPN neck.
+SAM3_VIT = {
+    "embed_dim": 1024, "depth": 32, "num_heads": 16, "global_attn_indexes": (7, 15, 23, 31), "patch_size": 14,
+    "window_size": 24, "mlp_ratio": 4.625, "pretrain_grid": 24, "rope_theta": 10000.0, "out_chans": 256,
+    "scale_factors": (4.0, 2.0, 1.0, 0.5),
+}  # fmt: skip
+
 ENCODERS: dict[str, EncoderSpec] = {
     "sam_vit_b": EncoderSpec(
         "sam_vit_b", "sam", SAM_VIT_B, "sam", official_files=("sam_vit_b_01ec64.pth",),
@@ -115,6 +126,11 @@ ENCODERS: dict[str, EncoderSpec] = {
         "mobilesam_vit_t", "mobilesam", MOBILESAM_VIT_T, "sam", official_files=("mobile_sam.pt",),
         description="MobileSAM TinyViT-5M distilled from SAM ViT-H (5M encoder params)",
     ),
+    "sam3": EncoderSpec(
+        "sam3", "sam3", SAM3_VIT, "sam3", default_image_size=1008, official_files=("sam3.pt",),
+        description="SAM 3 image encoder (RoPE ViT + SimpleFPN neck, 454M params, 1008 px; [N,256,72,72] embedding)",
+        aliases=("sam3_vit", "sam3_image", "facebook/sam3"), embedding_stride=14,
+    ),
 }  # fmt: skip
 
 # Tiny configurations with the same builders, for tests and the CPU demo (random weights only).
@@ -127,6 +143,9 @@ TINY_ARCHS: dict[str, dict[str, Any]] = {
     },
     # MobileSAM's stride-1 rule is keyed on a last width of 320, so the tiny trunk keeps it.
     "mobilesam": {**MOBILESAM_VIT_T, "embed_dims": (16, 32, 32, 320), "depths": (1, 1, 1, 1), "num_heads": (1, 1, 1, 5)},
+    # 4 x 4 windows over the 8 x 8 grid of a 112 px input (or padded ones at other sizes); last block global.
+    "sam3": {**SAM3_VIT, "embed_dim": 64, "depth": 4, "num_heads": 2, "global_attn_indexes": (1, 3), "window_size": 4,
+             "pretrain_grid": 4},
 }  # fmt: skip
 
 
