@@ -14,9 +14,7 @@ class EncoderSpec:
     """One encoder: its architecture family and numbers, and the preprocessing its checkpoint was trained with."""
 
     name: str
-    family: (
-        str  # "sam" (SAM-1 ViT), "sam2" (Hiera + FPN), "mobilesam" (TinyViT + SAM neck), "sam3" (RoPE ViT)
-    )
+    family: str  # "sam" (SAM-1 ViT), "sam2" (Hiera + FPN) or "mobilesam" (TinyViT + SAM neck)
     arch: dict[str, Any]
     preprocessing: str  # key of samadapt.encoders.preprocessing.PREPROCESSORS
     default_image_size: int = 1024
