@@ -141,12 +141,17 @@ def test_preprocessing_matches_sam3_processor() -> None:
 @pytest.mark.slow
 def test_real_size_matches_official(tmp_path: Path) -> None:
     """The real configuration (454M parameters, 1008 px, 72 x 72 grid) built by the official builder."""
-    from sam3.model_builder import _create_vision_backbone
+    from sam3.model_builder import _create_position_encoding, _create_vit_backbone, _create_vit_neck
 
     from samadapt.encoders.registry import ENCODERS
 
     torch.manual_seed(0)
-    official = SAM3VLBackbone(visual=_create_vision_backbone(), text=None, scalp=1).eval()
+    # _create_vision_backbone with its position-encoding cache off (precomputing it needs CUDA); with the SAM 2-style
+    # neck (enable_inst_interactivity) that sam3.pt carries, which the selection must drop.
+    neck = _create_vit_neck(
+        _create_position_encoding(), _create_vit_backbone(), enable_inst_interactivity=True
+    )
+    official = SAM3VLBackbone(visual=neck, text=None, scalp=1).eval()
     perturb(official)
     path = save_sam3_pt(official, tmp_path / "sam3.pt")
     ours = load_encoder("sam3", path)

@@ -152,3 +152,38 @@ def test_bf16_is_close_to_fp32() -> None:
         fast, _ = enc.to(torch.bfloat16)(x.to(torch.bfloat16))
     err = (fast.float() - ref).abs().max() / ref.abs().max()
     assert err < 3e-2, float(err)
+
+
+def test_embed_cli_stores_sam3_embeddings_and_layers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from samadapt.cli.main import main
+    from samadapt.data.readers import read_dataset
+    from samadapt.store import open_store
+
+    rng = np.random.default_rng(0)
+    arrays = {
+        f"{s}_images": rng.integers(0, 256, (2, 28, 28), dtype=np.uint8) for s in ("train", "val", "test")
+    }
+    arrays.update({f"{s}_labels": rng.integers(0, 2, (2, 1)) for s in ("train", "val", "test")})
+    np.savez(tmp_path / "tiny.npz", **arrays)
+    ckpt = _save_official_layout(_random_encoder(112), tmp_path / "sam3.pt")
+    flags = [
+        "embed",
+        "--encoder",
+        "sam3",
+        "--arch",
+        "tiny",
+        "--no-progress",
+        "--data",
+        str(tmp_path / "tiny.npz"),
+    ]
+    flags += ["--cache", str(tmp_path / "cache"), "--image-size", "112", "--checkpoint", str(ckpt)]
+    assert main([*flags, "--layers", "3,fpn1"]) == 0
+    assert "computed 6, reused 0" in capsys.readouterr().out
+    encoder = load_encoder("sam3", ckpt, arch="tiny", image_size=112)
+    dataset = read_dataset(str(tmp_path / "tiny.npz"))
+    with open_store(tmp_path / "cache", create=False) as store:
+        stored = store.view(encoder)[dataset.ids[4]]
+        assert store.get_by_id(dataset.ids[4], encoder, "fpn1").shape == (256, 16, 16)
+    np.testing.assert_allclose(stored, encoder.embed([dataset.image(4)])[0].numpy(), rtol=0, atol=1e-5)
