@@ -143,6 +143,15 @@ def main() -> None:
             fns[name] = build(name, official, ckpt, size, args.tiny)
     times: dict[str, list[float]] = {n: [] for n in CONTENDERS}
     outputs: dict[str, torch.Tensor] = {}
+    meta = {
+        "what": f"SAM 3 image-encoder forward on one preprocessed {size} px image (batch 1), seconds per image",
+        "timing": f"median of {args.rounds} round-robin round(s) after {args.warmup} warm-up round(s), one process",
+        "arch": "tiny" if args.tiny else "sam3 (official _create_vit_backbone + _create_vit_neck)",
+        "cpu": cpu_name(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "load_average_before": load_before,
+    }
     for r in range(args.warmup + args.rounds):
         for name, fn in fns.items():
             t0 = time.perf_counter()
@@ -155,12 +164,25 @@ def main() -> None:
                 f"  round {r}{' (warm-up)' if r < args.warmup else ''} {name:24s} {elapsed:8.2f} s",
                 flush=True,
             )
+            if (
+                r >= args.warmup and not args.tiny
+            ):  # written after every forward: a long run keeps what it has
+                write(args.out, meta, times, outputs)
+    for row in summary(times, outputs):
+        print(
+            f"{row['contender']:24s} {row['seconds_per_image_median']:8.2f} s  x{row['speedup_vs_official_fp32']:5.2f}"
+            f"  err {row['error_vs_official_fp32_max_abs_over_ref_max']:.2e}"
+        )
+
+
+def summary(times: dict[str, list[float]], outputs: dict[str, torch.Tensor]) -> list[dict[str, object]]:
     ref = outputs["official_fp32"]
     base = statistics.median(times["official_fp32"])
     rows = []
     for name, (impl, precision) in CONTENDERS.items():
+        if not times[name]:
+            continue
         median = statistics.median(times[name])
-        err = float((outputs[name] - ref).abs().max() / ref.abs().max())
         rows.append(
             {
                 "contender": name,
@@ -169,25 +191,26 @@ def main() -> None:
                 "seconds_per_image_median": median,
                 "seconds_all": times[name],
                 "speedup_vs_official_fp32": base / median,
-                "error_vs_official_fp32_max_abs_over_ref_max": err,
+                "error_vs_official_fp32_max_abs_over_ref_max": float(
+                    (outputs[name] - ref).abs().max() / ref.abs().max()
+                ),
             }
         )
-        print(f"{name:24s} {median:8.2f} s  x{base / median:5.2f}  err {err:.2e}")
+    return rows
+
+
+def write(
+    path: Path, meta: dict[str, object], times: dict[str, list[float]], outputs: dict[str, torch.Tensor]
+) -> None:
     result = {
-        "what": f"SAM 3 image-encoder forward on one preprocessed {size} px image (batch 1), seconds per image",
-        "timing": f"median of {args.rounds} round-robin round(s) after {args.warmup} warm-up round(s), one process",
-        "arch": "tiny" if args.tiny else "sam3 (official _create_vision_backbone)",
-        "cpu": cpu_name(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "load_average_before_after": [load_before, os.getloadavg()],
-        "embedding_shape": list(ref.shape),
-        "rows": rows,
+        **meta,
+        "load_average_now": os.getloadavg(),
+        "embedding_shape": list(outputs["official_fp32"].shape),
     }
-    if not args.tiny:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    result["rows"] = summary(times, outputs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}", flush=True)
 
 
 if __name__ == "__main__":
