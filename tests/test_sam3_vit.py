@@ -128,6 +128,20 @@ def test_mismatch_errors_name_the_file_and_the_model(tmp_path: Path) -> None:
         load_encoder("sam3", sam_file)
 
 
+def test_transformers_layout_is_named(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path = tmp_path / "model.safetensors"
+    save_file(
+        {"vision_encoder.backbone.embeddings.patch_embeddings.projection.weight": torch.zeros(8, 3, 14, 14)},
+        path,
+    )
+    with pytest.raises(
+        CheckpointError, match=r"model\.safetensors: holds a Hugging Face transformers SAM 3 model"
+    ):
+        load_encoder("sam3", path)
+
+
 def test_image_size_must_be_a_multiple_of_14() -> None:
     with pytest.raises(ConfigError, match="multiple of 14"):
         load_encoder("sam3", arch="tiny", image_size=1024)

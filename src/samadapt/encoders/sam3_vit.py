@@ -53,6 +53,7 @@ OFFICIAL_PREFIXES = (
     "",
 )
 _PROBE = "trunk.patch_embed.proj.weight"
+_HF_PROBE = "vision_encoder.backbone.embeddings.patch_embeddings.projection.weight"  # transformers' Sam3Model
 
 
 class Sam3ViTEncoder(nn.Module):
@@ -405,6 +406,8 @@ def describe_sam3(state: Mapping[str, Tensor]) -> str | None:
     """'a SAM 3 ViT image encoder (embed dim D, N blocks)' when ``state`` holds one (any official prefix)."""
     prefix = find_sam3_prefix(state)
     if prefix is None:
+        if any(k.endswith(_HF_PROBE) for k in state):
+            return "a Hugging Face transformers SAM 3 model (its own key names; samadapt reads the official sam3.pt)"
         return None
     dim = state[prefix + _PROBE].shape[0]
     depth = len({k[len(prefix) :].split(".", 3)[2] for k in state if k.startswith(prefix + "trunk.blocks.")})
