@@ -114,9 +114,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--tiny", action="store_true", help="tiny arch at 112 px (a smoke run; no JSON)")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "sam3_speed.json")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
+    parser.add_argument(
+        "--per-block",
+        action="store_true",
+        help="time one windowed and one global block (real width, 72 x 72 grid) interleaved --rounds times",
+    )
     args = parser.parse_args()
     warnings.simplefilter("ignore")
+    results = REPO / "benchmarks" / "results"
+    if args.per_block:
+        per_block(args.rounds, args.out or results / "sam3_speed_blocks.json")
+        return
+    args.out = args.out or results / "sam3_speed.json"
     from samadapt.encoders.preprocessing import preprocess_sam3
 
     size = 112 if args.tiny else 1008
@@ -173,6 +183,65 @@ def main() -> None:
             f"{row['contender']:24s} {row['seconds_per_image_median']:8.2f} s  x{row['speedup_vs_official_fp32']:5.2f}"
             f"  err {row['error_vs_official_fp32_max_abs_over_ref_max']:.2e}"
         )
+
+
+def per_block(rounds: int, out: Path) -> None:
+    """Official vs our block forward in fp32 on the same weights: a cheap, repeatable ratio on a busy
+    machine (a full forward is 32 such blocks: 28 windowed, 4 global)."""
+    from sam3.model.vitdet import ViT
+
+    from samadapt.encoders.registry import SAM3_VIT
+    from samadapt.encoders.sam3_vit import Sam3ViTEncoder
+
+    torch.manual_seed(0)
+    arch = {**SAM3_VIT, "depth": 8, "global_attn_indexes": (7,)}
+    official = ViT(
+        img_size=1008, pretrain_img_size=336, patch_size=14, embed_dim=1024, depth=8, num_heads=16, mlp_ratio=4.625,
+        norm_layer="LayerNorm", qkv_bias=True, use_abs_pos=True, tile_abs_pos=True, global_att_blocks=(7,),
+        rel_pos_blocks=(), use_rope=True, use_interp_rope=True, window_size=24, pretrain_use_cls_token=True,
+        retain_cls_token=False, ln_pre=True, ln_post=False, bias_patch_embed=False,
+    ).eval()  # fmt: skip
+    ours = Sam3ViTEncoder(**arch, img_size=1008).eval()
+    ours.trunk.load_state_dict({k: v for k, v in official.state_dict().items() if "freqs_cis" not in k})
+    x = torch.randn(1, 72, 72, 1024)
+    contenders = {}
+    for kind, index in (("windowed", 0), ("global", 7)):
+        contenders[f"official_fp32_{kind}"] = (official.blocks[index], torch.float32)
+        contenders[f"samadapt_fp32_{kind}"] = (ours.trunk.blocks[index], torch.float32)
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    outputs: dict[str, torch.Tensor] = {}
+    with torch.inference_mode():
+        for r in range(rounds + 1):  # round 0: warm-up (oneDNN weight packing)
+            for name, (block, dtype) in contenders.items():
+                t0 = time.perf_counter()
+                y = block(x.to(dtype))
+                elapsed = time.perf_counter() - t0
+                outputs[name] = y.float()
+                if r:
+                    times[name].append(elapsed)
+                print(f"  round {r} {name:26s} {elapsed:7.3f} s", flush=True)
+    rows = []
+    for kind in ("windowed", "global"):
+        ref, base = outputs[f"official_fp32_{kind}"], statistics.median(times[f"official_fp32_{kind}"])
+        for impl in ("official", "samadapt"):
+            name = f"{impl}_fp32_{kind}"
+            median = statistics.median(times[name])
+            err = float((outputs[name] - ref).abs().max() / ref.abs().max())
+            rows.append({"contender": name, "seconds_median": median, "seconds_all": times[name],
+                         "speedup_vs_official_fp32": base / median, "error_vs_official_fp32": err})  # fmt: skip
+            print(f"{name:26s} {median:7.3f} s  x{base / median:5.2f}  err {err:.1e}")
+    result = {
+        "what": "one SAM 3 block forward (1 x 72 x 72 x 1024 tokens, real width), seconds",
+        "timing": f"median of {rounds} interleaved rounds after 1 warm-up round, one process",
+        "cpu": cpu_name(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "load_average_after": os.getloadavg(),
+        "rows": rows,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 def summary(times: dict[str, list[float]], outputs: dict[str, torch.Tensor]) -> list[dict[str, object]]:
