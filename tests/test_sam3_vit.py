@@ -36,8 +36,7 @@ def _save_official_layout(enc: Sam3ViTEncoder, path: Path) -> Path:
     """Our weights under the keys sam3.pt uses, plus what else the official file holds around them."""
     state = {PREFIX + k: v.clone() for k, v in enc.state_dict().items()}
     for i, block in enumerate(enc.trunk.blocks):
-        cos, sin = block.attn._rope
-        state[f"{PREFIX}trunk.blocks.{i}.attn.freqs_cis"] = torch.complex(cos, sin)
+        state[f"{PREFIX}trunk.blocks.{i}.attn.freqs_cis"] = block.attn._rope.clone()
     state.update({PREFIX + "sam2_" + k: v.clone() for k, v in enc.convs.state_dict(prefix="convs.").items()})
     state["detector.transformer.decoder.norm.weight"] = torch.ones(256)
     state["tracker.maskmem_tpos_enc"] = torch.zeros(7, 1, 1, 64)
@@ -74,12 +73,11 @@ def test_shapes_layers_and_padded_windows() -> None:
 
 
 def test_rope_tables_follow_the_official_axial_layout() -> None:
-    cos, sin = rope_tables(head_dim=8, side=3, theta=100.0, scale=0.5)
-    assert cos.shape == (9, 4)
+    freqs = rope_tables(head_dim=8, side=3, theta=100.0, scale=0.5)
+    assert freqs.shape == (9, 4) and freqs.dtype == torch.complex64
     # token 5 is (row 1, col 2): x angles use the column, y angles the row; frequencies theta^(-4i/dim)
-    freqs = torch.tensor([1.0, 100.0 ** (-0.5)])
-    expected = torch.cat([2 * 0.5 * freqs, 1 * 0.5 * freqs])
-    torch.testing.assert_close(torch.atan2(sin[5], cos[5]), expected)
+    base = torch.tensor([1.0, 100.0 ** (-0.5)])
+    torch.testing.assert_close(freqs[5].angle(), torch.cat([2 * 0.5 * base, 1 * 0.5 * base]))
 
 
 def test_official_layout_loads_back(tmp_path: Path) -> None:

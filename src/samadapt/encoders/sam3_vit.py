@@ -25,9 +25,10 @@ Layers ``forward(x, layers=...)`` can return (S = input side, default 1008):
 - ``"fpn0"``, ``"fpn1"``, ``"fpn2"``: ``backbone_fpn``, 256 channels at 4x, 2x and 1x the grid (``"fpn2"`` is the
   image embedding).
 
-Speed (CPU): qkv/proj/MLP linears through oneDNN with packed weights and fused GELU (``_sam_vit_linear.py``); RoPE
-with real cos/sin tables instead of complex tensors; ``F.scaled_dot_product_attention`` (its CPU flash kernel is
-already query-blocked); windowed blocks compute qkv on the real tokens only when the grid needs padding (the
+Speed (CPU): qkv/proj/MLP linears through oneDNN with packed weights and fused GELU (``_sam_vit_linear.py``) on
+AVX-512 CPUs, plain ``F.linear`` (MKL) on AVX2-only ones where oneDNN's fp32 GEMM is slower; the residual stream
+kept in one contiguous [B, H, W, C] layout; ``F.scaled_dot_product_attention`` (its CPU flash kernel is already
+query-blocked); windowed blocks compute qkv on the real tokens only when the grid needs padding (the
 official padded tokens carry exactly the qkv bias). In bf16 (module and input cast to bf16) the residual stream and
 LayerNorm statistics stay float32 and RoPE is applied in float32, as the official ``apply_rotary_enc`` does.
 """
@@ -53,6 +54,9 @@ OFFICIAL_PREFIXES = (
     "",
 )
 _PROBE = "trunk.patch_embed.proj.weight"
+# oneDNN's packed, GELU-fused linears (_sam_vit_linear.py) win on AVX-512 CPUs (measured for SAM ViT); on AVX2-only
+# CPUs MKL's sgemm behind F.linear is faster (fp32 5184 x 1024 -> 4736 + GELU: 3.1 s vs 5.4 s, 2 loaded EPYC cores).
+_ONEDNN_LINEAR = torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "NO AVX", "AVX2")
 _HF_PROBE = "vision_encoder.backbone.embeddings.patch_embeddings.projection.weight"  # transformers' Sam3Model
 
 
@@ -257,25 +261,33 @@ def tiled_position_embedding(pos_embed: Tensor, height: int, width: int) -> Tens
     return grid.tile(1, *reps, 1)[:, :height, :width]
 
 
-def rope_tables(*, head_dim: int, side: int, theta: float, scale: float) -> tuple[Tensor, Tensor]:
-    """cos and sin [side*side, head_dim/2] of the official ``compute_axial_cis`` (x angles then y angles per token,
-    tokens in row-major order), computed in float32 as the official code does."""
+def rope_tables(*, head_dim: int, side: int, theta: float, scale: float) -> Tensor:
+    """The official ``compute_axial_cis``: complex64 [side*side, head_dim/2], unit phasors of the x angles then the
+    y angles of each token (tokens in row-major order), computed in float32 as the official code does."""
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 4)[: head_dim // 4].float() / head_dim))
     t = torch.arange(side * side, dtype=torch.float32)
     t_x = (t % side).float() * scale
     t_y = torch.div(t, side, rounding_mode="floor").float() * scale
     angles = torch.cat([torch.outer(t_x, freqs), torch.outer(t_y, freqs)], dim=-1)
-    # torch.polar(1, a) is (cos a, sin a): the same values the official complex table holds.
-    polar = torch.polar(torch.ones_like(angles), angles)
-    return polar.real.contiguous(), polar.imag.contiguous()
+    return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate consecutive pairs (x[2i], x[2i+1]) of x [..., L, D] by the angles of cos/sin [L, D/2], in float32."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    real, imag = pairs.unbind(-1)
-    out = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
-    return out.flatten(-2).to(x.dtype)
+def apply_rope(x: Tensor, freqs: Tensor) -> Tensor:
+    """Rotate consecutive pairs (x[2i], x[2i+1]) of x [..., L, D] by the phasors ``freqs`` [L, D/2], in float32.
+
+    A complex multiply, as the official ``apply_rotary_enc``: measured 10x faster on CPU than the same rotation
+    written with real cos/sin tensors (strided pair views cost more than the arithmetic).
+    """
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(pairs * freqs).flatten(-2).to(x.dtype)
+
+
+def _linear(x: Tensor, layer: nn.Linear, *, gelu: bool = False) -> Tensor:
+    """``layer(x)`` (then exact GELU): oneDNN's fused path where it is the faster one, else F.linear."""
+    if _ONEDNN_LINEAR:
+        return linear(x, layer, gelu=gelu)
+    y = F.linear(x, layer.weight, layer.bias)
+    return F.gelu(y) if gelu else y
 
 
 class _Mlp(nn.Module):
@@ -287,13 +299,11 @@ class _Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return linear(linear(x, self.fc1, gelu=True), self.fc2)
+        return _linear(_linear(x, self.fc1, gelu=True), self.fc2)
 
 
 class _Block(nn.Module):
-    def __init__(
-        self, *, dim: int, num_heads: int, mlp_ratio: float, window_size: int, rope: tuple[Tensor, Tensor]
-    ) -> None:
+    def __init__(self, *, dim: int, num_heads: int, mlp_ratio: float, window_size: int, rope: Tensor) -> None:
         super().__init__()
         self.window_size = window_size
         self.norm1 = nn.LayerNorm(dim, eps=_LN_EPS)
@@ -316,7 +326,7 @@ def _layer_norm(x: Tensor, norm: nn.LayerNorm) -> Tensor:
 
 
 class _Attention(nn.Module):
-    def __init__(self, *, dim: int, num_heads: int, rope: tuple[Tensor, Tensor]) -> None:
+    def __init__(self, *, dim: int, num_heads: int, rope: Tensor) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3)
@@ -325,9 +335,9 @@ class _Attention(nn.Module):
         # and not buffers either: they stay float32 when the module is cast to bf16, as the official complex table.
         self._rope = rope
 
-    def _rope_on(self, device: torch.device) -> tuple[Tensor, Tensor]:
-        if self._rope[0].device != device:
-            self._rope = (self._rope[0].to(device), self._rope[1].to(device))
+    def _rope_on(self, device: torch.device) -> Tensor:
+        if self._rope.device != device:
+            self._rope = self._rope.to(device)
         return self._rope
 
     def forward(self, x: Tensor, *, window_size: int) -> Tensor:
@@ -336,7 +346,7 @@ class _Attention(nn.Module):
         heads, head_dim = self.num_heads, dim // self.num_heads
         # qkv on the real tokens only; the official code zero-pads the normalised tokens to whole windows before
         # qkv, so its padded tokens carry exactly the qkv bias (and take part in attention, unmasked): fill them so.
-        qkv = linear(x, self.qkv)
+        qkv = _linear(x, self.qkv)
         if window_size > 0:
             qkv, (hp, wp) = _pad_to_multiple(qkv, window_size, fill=self.qkv.bias)
             nh, nw, tokens = hp // window_size, wp // window_size, window_size * window_size
@@ -345,15 +355,15 @@ class _Attention(nn.Module):
         else:
             qkv = qkv.view(batch, height * width, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        cos, sin = self._rope_on(x.device)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        freqs = self._rope_on(x.device)
+        q, k = apply_rope(q, freqs), apply_rope(k, freqs)
         out = F.scaled_dot_product_attention(q, k, v)  # [items, heads, tokens, head_dim]
         if window_size > 0:
             out = out.view(batch, nh, nw, heads, window_size, window_size, head_dim)
             out = out.permute(0, 1, 4, 2, 5, 3, 6).reshape(batch, hp, wp, dim)[:, :height, :width]
         else:
             out = out.view(batch, heads, height, width, head_dim).permute(0, 2, 3, 1, 4)
-        return linear(out.reshape(batch, height, width, dim).contiguous(), self.proj)
+        return _linear(out.reshape(batch, height, width, dim).contiguous(), self.proj)
 
 
 def _pad_to_multiple(x: Tensor, multiple: int, *, fill: Tensor | None) -> tuple[Tensor, tuple[int, int]]:
