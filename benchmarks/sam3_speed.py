@@ -115,6 +115,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--tiny", action="store_true", help="tiny arch at 112 px (a smoke run; no JSON)")
+    parser.add_argument(
+        "--only", nargs="+", choices=list(CONTENDERS), default=None, help="run only these contenders"
+    )
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
     parser.add_argument(
         "--per-block",
@@ -149,10 +152,10 @@ def main() -> None:
         torch.save({"model": state}, ckpt)
         del state
         fns = {}
-        for name in CONTENDERS:
+        for name in [n for n in CONTENDERS if not args.only or n in args.only]:
             print(f"building {name}", flush=True)
             fns[name] = build(name, official, ckpt, size, args.tiny)
-    times: dict[str, list[float]] = {n: [] for n in CONTENDERS}
+    times: dict[str, list[float]] = {n: [] for n in fns}
     outputs: dict[str, torch.Tensor] = {}
     meta = {
         "what": f"SAM 3 image-encoder forward on one preprocessed {size} px image (batch 1), seconds per image",
@@ -250,7 +253,7 @@ def summary(times: dict[str, list[float]], outputs: dict[str, torch.Tensor]) -> 
     base = statistics.median(times["official_fp32"])
     rows = []
     for name, (impl, precision) in CONTENDERS.items():
-        if not times[name]:
+        if not times.get(name):
             continue
         median = statistics.median(times[name])
         rows.append(

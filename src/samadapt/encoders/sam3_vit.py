@@ -346,6 +346,18 @@ class _Attention(nn.Module):
         heads, head_dim = self.num_heads, dim // self.num_heads
         # qkv on the real tokens only; the official code zero-pads the normalised tokens to whole windows before
         # qkv, so its padded tokens carry exactly the qkv bias (and take part in attention, unmasked): fill them so.
+        if window_size > 0 and height % window_size == 0 and width % window_size == 0:
+            # No padding (1008 px: 72 = 3 x 24): partition the C-wide tokens, as the official code does, rather
+            # than the 3C-wide qkv output (measured faster: a third of the bytes through the permuting copy).
+            nh, nw, tokens = height // window_size, width // window_size, window_size * window_size
+            win = x.view(batch, nh, window_size, nw, window_size, dim).permute(0, 1, 3, 2, 4, 5)
+            qkv = _linear(win.reshape(-1, tokens, dim), self.qkv)
+            q, k, v = qkv.view(-1, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            freqs = self._rope_on(x.device)
+            out = F.scaled_dot_product_attention(apply_rope(q, freqs), apply_rope(k, freqs), v)
+            out = _linear(out.transpose(1, 2).reshape(-1, window_size, window_size, dim), self.proj)
+            out = out.view(batch, nh, nw, window_size, window_size, dim).permute(0, 1, 3, 2, 4, 5)
+            return out.reshape(batch, height, width, dim)
         qkv = _linear(x, self.qkv)
         if window_size > 0:
             qkv, (hp, wp) = _pad_to_multiple(qkv, window_size, fill=self.qkv.bias)
