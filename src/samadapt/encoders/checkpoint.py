@@ -137,6 +137,11 @@ def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch
 
 def describe_contents(state: dict[str, torch.Tensor]) -> str:
     """Say what a state dict holds, in the words an error message needs."""
+    from samadapt.encoders.sam3_vit import describe_sam3
+
+    sam3 = describe_sam3(state)
+    if sam3 is not None:
+        return sam3
     if "image_encoder.patch_embed.seq.0.c.weight" in state:
         from samadapt.encoders.mobilesam import describe_tinyvit_state
 

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 IMPLEMENTATION_VERSION = 1
 PRECISIONS = ("fp32", "bf16")
 # SAM's ViT needs whole 16-px patches; Hiera tiles an 8x8 window embedding over the S/4 grid, so S % 32 == 0.
-SIZE_MULTIPLE = {"sam": 16, "sam2": 32, "mobilesam": 16, "litemedsam": 16}
+SIZE_MULTIPLE = {"sam": 16, "sam2": 32, "mobilesam": 16, "litemedsam": 16, "sam3": 14}
 RANDOM_WEIGHTS_SEED = 0
 
 
@@ -69,8 +69,8 @@ class Encoder:
 
     @property
     def embedding_grid(self) -> int:
-        # 16 for SAM, SAM 2 and MobileSAM; LiteMedSAM's stride-1 patch embedding makes it 4
-        return self.image_size // getattr(self.module, "embedding_stride", 16)
+        # the spec's stride (16; SAM 3: 14), unless the module says otherwise (LiteMedSAM's stride-1 patch embedding: 4)
+        return self.image_size // getattr(self.module, "embedding_stride", self.spec.embedding_stride)
 
     def cache_key_fields(self) -> dict[str, Any]:
         """Everything that determines the output for a given image: the embedding store's key includes all of it."""
@@ -183,6 +183,10 @@ def _build_module(spec: EncoderSpec, arch: dict[str, Any], image_size: int) -> n
         from samadapt.encoders.mobilesam import MobileSamEncoder
 
         return MobileSamEncoder(**arch, img_size=image_size)
+    if spec.family == "sam3":
+        from samadapt.encoders.sam3_vit import Sam3ViTEncoder
+
+        return Sam3ViTEncoder(**arch, img_size=image_size)
     raise ConfigError(f"encoder family {spec.family!r} is not supported")
 
 
@@ -203,6 +207,11 @@ def _encoder_state(spec: EncoderSpec, state: dict[str, torch.Tensor], path: Path
 
         if "image_encoder.patch_embed.seq.0.c.weight" in state:
             return select_mobilesam_encoder_state(state, source=str(path))
+    elif spec.family == "sam3":
+        from samadapt.encoders.sam3_vit import find_sam3_prefix, select_sam3_encoder_state
+
+        if find_sam3_prefix(state) is not None:
+            return select_sam3_encoder_state(state, source=str(path))
     raise CheckpointError(f"checkpoint {path}: holds {describe_contents(state)}; you asked for {spec.name}")
 
 
@@ -242,6 +251,14 @@ def _check_architecture(
             raise CheckpointError(
                 f"checkpoint {path}: holds {what}; you asked for {spec.name} "
                 f"(embed dim {expected_dim}, {sum(arch['stages'])} blocks)"
+            )
+    elif spec.family == "sam3":
+        dim = state["trunk.patch_embed.proj.weight"].shape[0]
+        depth = len({k.split(".", 3)[2] for k in state if k.startswith("trunk.blocks.")})
+        if dim != arch["embed_dim"] or depth != arch["depth"]:
+            raise CheckpointError(
+                f"checkpoint {path}: holds {describe_contents(state)}; you asked for {spec.name} "
+                f"(embed dim {arch['embed_dim']}, {arch['depth']} blocks)"
             )
 
 

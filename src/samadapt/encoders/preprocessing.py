@@ -16,6 +16,9 @@ float32 tensor [3, S, S] plus `PreprocessMeta` (what was done, so masks can be m
   filter, bicubic), ``/ 255`` in float64, then ImageNet mean/std in float32. No padding, aspect ratio not kept.
 - ``litemedsam``: LiteMedSAM (``CVPR24_LiteMedSAM_infer.py``): longest side resized to S with OpenCV ``INTER_AREA``
   (sides rounded half up), min-max to [0, 1] over the resized image, then zero padding right/bottom to S x S.
+- ``sam3``: SAM 3 (``Sam3Processor``): the image as a uint8 tensor, torchvision v2 ``Resize((S, S))`` on the uint8
+  tensor (bilinear, antialias, rounded back to uint8), ``ToDtype(float32, scale=True)`` (to [0, 1]), ``Normalize``
+  with mean = std = 0.5 (to [-1, 1]).
 
 Grey images are replicated to three channels first, exactly as the official scripts do for grey inputs.
 """
@@ -147,12 +150,31 @@ def preprocess_litemedsam(image: np.ndarray, size: int) -> tuple[torch.Tensor, P
     return out, PreprocessMeta((h, w), (new_h, new_w), size)
 
 
+def preprocess_sam3(image: np.ndarray, size: int) -> tuple[torch.Tensor, PreprocessMeta]:
+    from torchvision.transforms import v2
+
+    rgb = as_rgb_uint8(image)
+    h, w = rgb.shape[:2]
+    # Sam3Processor.set_image: v2.functional.to_image, then its transform (the uint8 -> uint8 ToDtype is a no-op).
+    transform = v2.Compose(
+        [
+            v2.ToDtype(torch.uint8, scale=True),
+            v2.Resize(size=(size, size)),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5]),
+        ]
+    )
+    x = transform(v2.functional.to_image(rgb))
+    return x.as_subclass(torch.Tensor).contiguous(), PreprocessMeta((h, w), (size, size), size)
+
+
 PREPROCESSORS: dict[str, Callable[[np.ndarray, int], tuple[torch.Tensor, PreprocessMeta]]] = {
     "sam": preprocess_sam,
     "medsam": preprocess_medsam,
     "sam2": preprocess_sam2,
     "medsam2": preprocess_medsam2,
     "litemedsam": preprocess_litemedsam,
+    "sam3": preprocess_sam3,
 }
 
 PREPROCESSING_DESCRIPTIONS: dict[str, str] = {
@@ -161,4 +183,5 @@ PREPROCESSING_DESCRIPTIONS: dict[str, str] = {
     "sam2": "square resize to S (bilinear, antialias) on [0,1], ImageNet mean/std",
     "medsam2": "square resize to S (PIL bicubic on uint8), /255, ImageNet mean/std",
     "litemedsam": "longest side to S (OpenCV INTER_AREA), min-max to [0,1], zero pad right/bottom, no mean/std",
+    "sam3": "square resize to S (bilinear, antialias) on uint8, to [0,1], mean/std 0.5 (to [-1,1])",
 }

@@ -21,6 +21,7 @@ class EncoderSpec:
     official_files: tuple[str, ...] = ()
     description: str = ""
     aliases: tuple[str, ...] = field(default=())
+    embedding_stride: int = 16  # input pixels per embedding cell (the embedding grid is S / stride)
 
 
 _SAM_VIT_COMMON = {"patch_size": 16, "window_size": 14, "out_chans": 256, "mlp_ratio": 4.0}
@@ -80,6 +81,13 @@ MOBILESAM_VIT_T = {
 # LiteMedSAM (MedSAM's LiteMedSAM branch, CVPR24_LiteMedSAM_infer.py): the same TinyViT numbers at img_size 256, with
 # a 1x1 stride-1 patch embedding, so a 256 input ends at a 64 x 64 grid.
 LITEMEDSAM_VIT_T = {**MOBILESAM_VIT_T, "patch_embed_stride": 1}
+# SAM 3 (official sam3.model_builder._create_vit_backbone / _create_vit_neck): RoPE ViT-L-like trunk at 1008 px,
+# patch 14 (72 x 72 grid), 24 x 24 windows, position table trained at 336 px (24 x 24) tiled; SimpleFPN neck.
+SAM3_VIT = {
+    "embed_dim": 1024, "depth": 32, "num_heads": 16, "global_attn_indexes": (7, 15, 23, 31), "patch_size": 14,
+    "window_size": 24, "mlp_ratio": 4.625, "pretrain_grid": 24, "rope_theta": 10000.0, "out_chans": 256,
+    "scale_factors": (4.0, 2.0, 1.0, 0.5),
+}  # fmt: skip
 
 ENCODERS: dict[str, EncoderSpec] = {
     "sam_vit_b": EncoderSpec(
@@ -133,6 +141,11 @@ ENCODERS: dict[str, EncoderSpec] = {
         official_files=("lite_medsam.pth",),
         description="LiteMedSAM TinyViT distilled from MedSAM (256 px input, 64x64 embedding grid)",
     ),
+    "sam3": EncoderSpec(
+        "sam3", "sam3", SAM3_VIT, "sam3", default_image_size=1008, official_files=("sam3.pt",),
+        description="SAM 3 image encoder (RoPE ViT + SimpleFPN neck, 454M params, 1008 px; [N,256,72,72] embedding)",
+        aliases=("sam3_vit", "sam3_image", "facebook/sam3"), embedding_stride=14,
+    ),
 }  # fmt: skip
 
 # Tiny configurations with the same builders, for tests and the CPU demo (random weights only).
@@ -146,6 +159,9 @@ TINY_ARCHS: dict[str, dict[str, Any]] = {
     # MobileSAM's stride-1 rule is keyed on a last width of 320, so the tiny trunk keeps it.
     "mobilesam": {**MOBILESAM_VIT_T, "embed_dims": (16, 32, 32, 320), "depths": (1, 1, 1, 1), "num_heads": (1, 1, 1, 5)},
     "litemedsam": {**LITEMEDSAM_VIT_T, "embed_dims": (16, 32, 32, 320), "depths": (1, 1, 1, 1), "num_heads": (1, 1, 1, 5)},
+    # 4 x 4 windows over the 8 x 8 grid of a 112 px input (or padded ones at other sizes); last block global.
+    "sam3": {**SAM3_VIT, "embed_dim": 64, "depth": 4, "num_heads": 2, "global_attn_indexes": (1, 3), "window_size": 4,
+             "pretrain_grid": 4},
 }  # fmt: skip
 
 

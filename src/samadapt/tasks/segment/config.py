@@ -6,10 +6,16 @@ from typing import Any, Literal
 
 from pydantic import field_validator
 
-from samadapt.engine.config import EncoderRunConfig, setting
+from samadapt.engine.config import EncoderRunConfig, bounded, setting
 
 METHODS = ("autosam", "cnn", "linear", "unet")
 ENCODER_SIZE = 1024  # AutoSAM encodes at SAM's native 1024 (its 224 slices upsampled)
+
+
+def default_encoder_size(encoder: str) -> int:
+    from samadapt.encoders.registry import get_spec
+
+    return get_spec(encoder).default_image_size
 
 
 class SegmentConfig(EncoderRunConfig):
@@ -30,7 +36,9 @@ class SegmentConfig(EncoderRunConfig):
         0, "seed of the patient split: the same val/test patients for every training seed"
     )
     encoder_image_size: int | None = setting(
-        None, f"encoder input size S (default {ENCODER_SIZE}, AutoSAM's)", deprecated=("--image-size",)
+        None,
+        f"encoder input size S (default: the encoder's own; {ENCODER_SIZE} for SAM, AutoSAM's)",
+        deprecated=("--image-size",),
     )
     unet_image_size: int = setting(224, "the U-Net baseline's own input size (AutoSAM's reference: 224)")
     epochs: int = setting(120, "training epochs")
@@ -56,35 +64,13 @@ class SegmentConfig(EncoderRunConfig):
     def _all(cls, value: Any) -> Any:
         return None if value is None or str(value).strip().lower() == "all" else value
 
-    @field_validator(
-        "train_volumes", "epochs", "batch_size", "patience", "unet_image_size", "mask_tokens_per_class"
+    _at_least_one = bounded(
+        "train_volumes", "epochs", "batch_size", "patience", "unet_image_size", "mask_tokens_per_class", low=1
     )
-    @classmethod
-    def _at_least_one(cls, value: int | None) -> int | None:
-        if value is not None and value < 1:
-            raise ValueError("must be >= 1")
-        return value
-
-    @field_validator("aug_views", "split_seed")
-    @classmethod
-    def _non_negative(cls, value: int) -> int:
-        if value < 0:
-            raise ValueError("must be >= 0")
-        return value
-
-    @field_validator("lr")
-    @classmethod
-    def _lr(cls, value: float) -> float:
-        if value <= 0:
-            raise ValueError("must be > 0")
-        return value
-
-    @field_validator("encoder_image_size")
-    @classmethod
-    def _size(cls, value: int | None) -> int | None:
-        if value is not None and (value % 16 or value < 64):
-            raise ValueError("must be a multiple of 16 and at least 64")
-        return value
+    _non_negative = bounded("aug_views", "split_seed", low=0)
+    _lr = bounded("lr", low=0, strict=True)
+    # the encoder checks its own size multiple (SAM: 16, SAM 2: 32, SAM 3: 14)
+    _size = bounded("encoder_image_size", low=56)
 
     @field_validator("unet_channels")
     @classmethod
@@ -95,7 +81,8 @@ class SegmentConfig(EncoderRunConfig):
 
     @property
     def encoder_size(self) -> int:
-        return self.encoder_image_size or ENCODER_SIZE
+        """The encoder's input: --encoder-image-size, else the encoder's own (SAM: 1024, AutoSAM's; SAM 3: 1008)."""
+        return self.encoder_image_size or default_encoder_size(self.encoder)
 
     @property
     def input_size(self) -> int:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from samadapt.engine.task import Evaluation, Fitted, Output, RunContext, Task
-from samadapt.tasks.segment.config import ENCODER_SIZE, METHODS, PRESETS, SegmentConfig
+from samadapt.tasks.segment.config import METHODS, PRESETS, SegmentConfig, default_encoder_size
 from samadapt.tasks.segment.heads import EMBEDDING_HEADS
 from samadapt.tasks.segment.train import SegPrepared, evaluate_head, fit_head, prepare
 
@@ -96,8 +96,9 @@ class SegmentTask(Task):
 
     def protocol(self, cfg: SegmentConfig) -> list[dict[str, str]]:  # type: ignore[override]
         rows = []
-        if cfg.method in EMBEDDING_HEADS and cfg.encoder_size != ENCODER_SIZE:
-            rows.append({"setting": "encoder_image_size", "reference": "1024", "this run": str(cfg.encoder_size),
+        own = default_encoder_size(cfg.encoder)
+        if cfg.method in EMBEDDING_HEADS and cfg.encoder_size != own:
+            rows.append({"setting": "encoder_image_size", "reference": str(own), "this run": str(cfg.encoder_size),
                          "why": "smaller encoder input for speed: a coarser embedding grid"})  # fmt: skip
         if cfg.method == "unet" and cfg.unet_image_size != 224:
             rows.append({"setting": "unet_image_size", "reference": "224", "this run": str(cfg.unet_image_size),

@@ -28,7 +28,7 @@ from samadapt.data.volumes import (
 from samadapt.errors import ConfigError, DataError
 from samadapt.evaluation.segmentation import summarize, volume_scores
 from samadapt.tasks.segment.augment import get_augmentation
-from samadapt.tasks.segment.config import SegmentConfig
+from samadapt.tasks.segment.config import SegmentConfig, default_encoder_size
 from samadapt.tasks.segment.heads import CHECKPOINT_INIT, EMBEDDING_HEADS, build_head, count_parameters
 from samadapt.tasks.segment.inference import predict_volume
 from samadapt.tasks.segment.slices import (
@@ -195,9 +195,9 @@ def fit_head(
         raise ConfigError(
             f"--train-volumes must be between 1 and {available} (training patients), got {cfg.train_volumes}"
         )
-    if head in EMBEDDING_HEADS and cfg.encoder_size != 1024:
-        log.info("%s head at encoder size %d (AutoSAM encodes at 1024): a %dx%d embedding grid", head,
-                 cfg.encoder_size, cfg.encoder_size // 16, cfg.encoder_size // 16)  # fmt: skip
+    if head in EMBEDDING_HEADS and cfg.encoder_size != default_encoder_size(cfg.encoder):
+        log.info("%s head at encoder size %d (%s's own, AutoSAM's for SAM: %d): a coarser embedding grid", head,
+                 cfg.encoder_size, cfg.encoder, default_encoder_size(cfg.encoder))  # fmt: skip
     seed_everything(cfg.seed)
     patients = training_subset(prepared.splits["train"], cfg.train_volumes or available, seed=cfg.seed)
     train = build_slices(prepared.dataset.cases_of(patients))
