@@ -157,7 +157,7 @@ def test_kill_9_during_sweep_then_rerun_equals_an_uninterrupted_sweep(volumes, t
     resumed_metrics, clean_metrics = _run_metrics(killed), _run_metrics(clean)
     assert set(resumed_metrics) == set(clean_metrics) and len(clean_metrics) == 2
     assert resumed_metrics == clean_metrics
-    assert (killed / "results.csv").read_text() == (clean / "results.csv").read_text()
+    assert _sweep_rows(killed) == _sweep_rows(clean)  # results.csv, but for the runs' seconds
     for run in clean_metrics:
         for name, tensor in _head_weights(clean / "runs" / run).items():
             np.testing.assert_array_equal(_head_weights(killed / "runs" / run)[name], tensor)
@@ -221,7 +221,10 @@ def test_kill_9_during_train_then_resume_equals_an_uninterrupted_run(volumes, tm
     process = start(TRAIN_RESUME[task](data, killed))
     state = killed / ".run.partial" / ".resume" / "state.json"
     kill_when(process, state.exists, delay=0.3)  # at least one finished epoch saved, training still going
-    assert not (killed / "run").exists()
+    # nothing of the run at its final place (fewshot's default mask cache, RUN/mask_cache, may be there)
+    assert not any(
+        (killed / "run" / name).exists() for name in ("metrics.json", "config.yaml", "model.safetensors")
+    )
     epoch_at_kill = json.loads(state.read_text())["epoch"]
     resumed = subprocess.run(
         [sys.executable, "-m", "samadapt", *TRAIN_RESUME[task](data, killed), "--resume"],
