@@ -61,7 +61,9 @@ def test_torchrun_two_ranks_equals_single_process(tmp_path, capsys):
     ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    summary = [line for line in result.stdout.splitlines() if line.startswith("samadapt embed:")]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("samadapt embed:")]
+    assert sum("precision auto ->" in line for line in lines) == 1  # the decision, said once by rank 0
+    summary = [line for line in lines if "precision auto ->" not in line]
     assert len(summary) == 2  # printed by rank 0 only
     assert (
         "2 processes" in summary[0] and "computed 7, reused 6" in summary[0]

@@ -105,7 +105,7 @@ def _file_values(args: argparse.Namespace, task: Task) -> dict[str, Any]:
 
 
 def train(task: Task, rest: list[str]) -> int:
-    from samadapt.engine.lifecycle import execute_run
+    from samadapt.engine.lifecycle import execute_run, forget_prepared
     from samadapt.training.progress import close_bars_on_error
 
     args = _parser("train", task).parse_args(rest)
@@ -116,10 +116,12 @@ def train(task: Task, rest: list[str]) -> int:
     if not cfg.out:
         raise ConfigError("--out RUN is required")
     dist = _join(task, cfg)
+    forget_prepared()  # nothing prepared by an earlier command in this process (a failed one, say) is reused
     try:
         with close_bars_on_error():
             metrics = execute_run(task, cfg, resume=bool(args.resume), dist=dist)
     finally:
+        forget_prepared()
         _leave(dist)
     if metrics:
         test = metrics.get("test") or {}
@@ -202,6 +204,7 @@ def sweep_axes(task: Task, args: argparse.Namespace, file_values: dict[str, Any]
 
 
 def sweep(task: Task, rest: list[str]) -> int:
+    from samadapt.engine.lifecycle import forget_prepared
     from samadapt.engine.sweep import run_sweep
     from samadapt.training.progress import close_bars_on_error
 
@@ -221,9 +224,13 @@ def sweep(task: Task, rest: list[str]) -> int:
         raise ConfigError(
             f"{args.config or 'sweep'}: say where the sweep goes with --out (or `out:` in the file)"
         )
-    with close_bars_on_error():
-        report = run_sweep(task, base, axes, out=base.out, resume=bool(args.resume), skip=task.sweep_skip,
-                           launcher=_launcher(args, Path(base.out)))  # fmt: skip
+    forget_prepared()
+    try:
+        with close_bars_on_error():
+            report = run_sweep(task, base, axes, out=base.out, resume=bool(args.resume), skip=task.sweep_skip,
+                               launcher=_launcher(args, Path(base.out)))  # fmt: skip
+    finally:
+        forget_prepared()
     print(f"sweep report: {report}")
     return 0
 

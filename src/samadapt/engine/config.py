@@ -117,6 +117,13 @@ class RunConfig(BaseModel):
             raise ValueError(f"must be a finite number, got {value}")
         return value
 
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError("must be >= 0")
+        return value
+
     def check(self) -> None:
         """Cross-field checks a subclass adds (raise ValueError/ConfigError); called by `build_config`."""
 

@@ -141,9 +141,10 @@ def run_sweep(
         if todo:
             # fill the shared caches (embedding store, masks) once, before any run
             prepared_for(task, todo[0])
-            if parent is not None:
+            if base.track != "none":  # every run logs into the sweep's store / log folder, under its run
                 uri = _child_uri(base, out)
-                todo = [cfg.replace(track_parent=parent.run_id, track_uri=uri) for cfg in todo]
+                parent_id = parent.run_id if parent is not None else None
+                todo = [cfg.replace(track_parent=parent_id, track_uri=uri) for cfg in todo]
             specs = [(task.name, cfg.to_dict(), resume) for cfg in todo]
             if launcher is None:
                 # in this process, one after another: a run's error stops the sweep with that error

@@ -111,7 +111,7 @@ def embed_dataset(
 
         # Everyone is done once the counts are gathered; rank 0 publishes and resolves the locations.
         computed = sum(all_gather(computed))
-        locations = None
+        located = None  # ranks other than 0 get rank 0's answer from the broadcast below
         if store is not None:
             if world > 1:
                 store.manifest.ingest_journals(root)
