@@ -25,6 +25,24 @@ SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "torch_export": ".pt2"}
 TOLERANCE = 1e-4  # of the output's largest value, fp32
 
 
+class Probabilities(torch.nn.Module):
+    """A classifier with one input, its logits turned into class probabilities (what predictions.csv holds)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.model(x), dim=1)
+
+
+class Probabilities2(Probabilities):
+    """The same for a classifier with two inputs (explicit arguments: torch.export maps them to named inputs)."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return torch.softmax(self.model(x, y), dim=1)
+
+
 @dataclass
 class ExportItem:
     """One task model to export: the module, example inputs, names, dynamic axes and how to feed it."""

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from samadapt.engine.export import ExportItem
+from samadapt.engine.export import ExportItem, Probabilities, Probabilities2
 from samadapt.tasks.classify.config import ClassifyConfig
 from samadapt.training.weights import load_weights, load_weights_into
 
@@ -25,24 +25,6 @@ class ProbeModel(nn.Module):
     def forward(self, embedding: torch.Tensor) -> torch.Tensor:
         x = torch.cat([embedding.mean(dim=(2, 3)), embedding.amax(dim=(2, 3))], dim=1)
         return torch.softmax(((x - self.mean) / self.scale) @ self.coef.T + self.intercept, dim=1)
-
-
-class Probabilities(nn.Module):
-    """baseline: normalised backbone images -> class probabilities."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.model(images), dim=1)
-
-
-class SlcaProbabilities(Probabilities):
-    """slca: normalised backbone images and window-pooled SAM features -> class probabilities."""
-
-    def forward(self, images: torch.Tensor, sam_windows: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return torch.softmax(self.model(images, sam_windows), dim=1)
 
 
 def export_items(
@@ -84,7 +66,7 @@ def export_items(
             f"ceil(h * {size} / max(h, w) / 16), likewise columns), adaptive {cfg.slca_pooling} pooling to {gh} x {gw}"
         )
         glue["sam_windows"] = {"window": cfg.slca_window, "pooling": cfg.slca_pooling, "grid": [gh, gw]}
-    wrapper = SlcaProbabilities(model) if cfg.method == "slca" else Probabilities(model)
+    wrapper = Probabilities2(model) if cfg.method == "slca" else Probabilities(model)
     item = ExportItem(name="model", module=wrapper, example_inputs=example, input_names=names,
                       output_names=["probabilities"], dynamic_axes={n: {0: "batch"} for n in names}, inputs=inputs)  # fmt: skip
     return [item], glue

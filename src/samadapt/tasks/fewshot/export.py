@@ -8,23 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from samadapt.engine.export import ExportItem
-
-
-class Probabilities(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.model(images), dim=1)
-
-
-class FocusProbabilities(Probabilities):
-    def forward(self, images: torch.Tensor, focus: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return torch.softmax(self.model(images, focus), dim=1)
+from samadapt.engine.export import ExportItem, Probabilities, Probabilities2
 
 
 def export_items(cfg: Any, recorded: dict[str, Any], *, run: Path, clip_checkpoint: str | None) -> tuple:
@@ -59,7 +44,7 @@ def export_items(cfg: Any, recorded: dict[str, Any], *, run: Path, clip_checkpoi
         inputs["focus"] = (
             f"[B, {cells}]: the chosen SAM 2 mask averaged over CLIP's {clip.patch_grid}^2 patch grid"
         )
-    wrapper = FocusProbabilities(model) if spec.input == "attn" else Probabilities(model)
+    wrapper = Probabilities2(model) if spec.input == "attn" else Probabilities(model)
     item = ExportItem(name="model", module=wrapper, example_inputs=example, input_names=names,
                       output_names=["probabilities"], dynamic_axes={n: {0: "batch"} for n in names}, inputs=inputs)  # fmt: skip
     glue = {"class_names": class_names, "clip": cfg.clip, "preprocess": clip.preprocess_cfg,
