@@ -190,7 +190,8 @@ def test_embed_cli_stores_sam3_embeddings_and_layers(
         "--data",
         str(tmp_path / "tiny.npz"),
     ]
-    flags += ["--cache", str(tmp_path / "cache"), "--image-size", "112", "--checkpoint", str(ckpt)]
+    flags += ["--store", str(tmp_path / "cache"), "--encoder-image-size", "112", "--checkpoint", str(ckpt)]
+    flags += ["--precision", "fp32", "--store-dtype", "float32"]  # exact comparison below
     assert main([*flags, "--layers", "3,fpn1"]) == 0
     assert "computed 6, reused 0" in capsys.readouterr().out
     encoder = load_encoder("sam3", ckpt, arch="tiny", image_size=112)
