@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 import warnings
@@ -24,16 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def official_sam_seconds(image_size: int, images: list[np.ndarray], rounds: int = 1) -> float:
@@ -126,6 +115,8 @@ def main() -> None:
     warnings.simplefilter("ignore")
     sizes = {"classify": (24, 2, 1), "fewshot": (4, 16)} if args.quick else {"classify": (500, 30, 2),
                                                                               "fewshot": (200, 32)}  # fmt: skip
+    from samadapt.encoders.precision import cpu_model
+
     load = os.getloadavg()[0]
     results = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__, "load_start": load,
                "quick": args.quick, "tasks": []}  # fmt: skip

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from samadapt.encoders._sam_vit_linear import linear
+from samadapt.encoders.sam_vit import _layer_norm  # the mixed-precision LayerNorm both ViTs use
 from samadapt.errors import CheckpointError, ConfigError
 
 _LN_EPS = 1e-5  # sam3 builds its LayerNorms as partial(nn.LayerNorm, eps=1e-5)
@@ -315,14 +316,6 @@ class _Block(nn.Module):
         """x: the float32 residual stream [B, H, W, C]; the block computes in its parameters' dtype."""
         x = x + self.attn(_layer_norm(x, self.norm1), window_size=self.window_size)
         return x + self.mlp(_layer_norm(x, self.norm2))
-
-
-def _layer_norm(x: Tensor, norm: nn.LayerNorm) -> Tensor:
-    """LayerNorm with statistics in the residual stream's precision and output in the layer's dtype."""
-    if x.dtype == norm.weight.dtype:
-        return norm(x)
-    weight, bias = norm.weight.to(x.dtype), norm.bias.to(x.dtype)
-    return F.layer_norm(x, norm.normalized_shape, weight, bias, norm.eps).to(norm.weight.dtype)
 
 
 class _Attention(nn.Module):
