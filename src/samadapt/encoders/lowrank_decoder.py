@@ -1,132 +1,417 @@
-"""The SAM 2 mask decoder's IoU predictions for many single-point prompts without per-prompt image tokens.
+"""The SAM 2 mask decoder for many single-point prompts without per-prompt copies of the image tokens.
 
 In the official `TwoWayTransformer` every prompt carries its own copy of the 64x64 image tokens ("keys"), and
 most of the decoder's time is spent projecting and normalising those copies. But a prompt changes its keys only
-through the image-to-token attention, whose output is `softmax(...) @ (v W_out)`: a matrix of rank at most
-heads x tokens (64) plus the bias, and a LayerNorm, which rescales each key row. So the keys of prompt b are
+through the image-to-token attention, whose output is
 
-    X_b = diag(a_b) K + U_b V_b        (K: [N, C] shared by all prompts; a_b: [N]; U_b: [N, r]; V_b: [r, C])
+    out[n] = sum_{h,t} P[n, (h, t)] * (v[h, t] @ W_out[h]) + b_out
 
-exactly, and every quantity the queries need (projections of X_b + pe, row means and variances for the
-LayerNorms) is a product with the shared K, precomputed once, plus products with the thin U_b, V_b.
-`point_iou` follows the official module graph step by step on that representation and returns the predicted IoU
-of every mask token. The result equals the official decoder's up to float rounding; `FastMaskGenerator` uses it
-only to decide which points can have a candidate above `pred_iou_thresh` (with a margin) and reruns the official
-decoder on those, so the returned masks and scores are the official arithmetic.
+with P the attention probabilities [N, heads x tokens] and W_out[h] a block of the shared output projection;
+and through LayerNorms, which rescale each key row and add shared vectors. So the keys of a prompt are exactly a
+short sum of terms, each a per-row scale [N] times one of
+
+- `_Shared`: a matrix [N, D] that every prompt shares (the image tokens, the positional encoding, their
+  projections), computed once per image;
+- `_Thin`:   P [N, R] @ (coef [R, d] @ basis [d, D]) per head, with a per-prompt P and coef but a *shared* basis;
+- `_Vec`:    one row vector repeated over the pixels (biases, LayerNorm weights and mean corrections).
+
+A linear map of such a sum is the same sum with mapped bases (shared work only); attention scores against the
+tokens, attention-weighted sums over the pixels and the LayerNorm statistics (row sums and sums of squares,
+through pairwise inner products of the terms) all reduce to products of the thin P with small matrices plus
+shared products. `ThinDecoder` follows the official module graph step by step on this representation; the keys
+are only materialised (`_Lin.materialize`) for the prompts whose masks are needed.
 
 The official modules' weights are used directly (`q_proj`, `k_proj`, `v_proj`, `out_proj`, the LayerNorms,
-MLPs and heads), so any SAM 2 / 2.1 checkpoint works unchanged.
+MLPs and heads), so any SAM 2 / 2.1 checkpoint works unchanged. The results equal the official decoder's up to
+float rounding (tests: predicted IoU and keys against `MaskDecoder.predict_masks`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 
-class _Keys:
-    """Keys of B prompts as diag(a) K + U V (see the module docstring)."""
+class _Memo:
+    """Shared products of one image, keyed by the identity of their inputs (kept alive here, so ids stay unique
+    for the memo's life)."""
 
-    def __init__(self, k: Tensor, batch: int, memo: dict[tuple[int, bool], tuple[Tensor, Tensor]]) -> None:
-        n, c = k.shape
-        self.memo = memo  # shared projections per Linear: each projects the keys at one point of the graph
-        self.k = k  # [N, C], shared
-        self.a = k.new_ones(batch, n)  # [B, N]
-        self.u = k.new_zeros(batch, n, 0)  # [B, N, r]
-        self.v = k.new_zeros(batch, 0, c)  # [B, r, C]
+    def __init__(self) -> None:
+        self._store: dict[tuple, tuple[tuple, Tensor]] = {}
 
-    def projection(self, linear: nn.Linear, pe: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        """`linear(X + pe)` as (shared [N, Ci], thin [B, r, Ci], constant [N, Ci]): a*shared + U thin + const."""
-        key = (id(linear), pe is None)
-        if key not in self.memo:
-            shared = self.k @ linear.weight.T
-            const = linear.bias.expand_as(shared) if pe is None else pe @ linear.weight.T + linear.bias
-            self.memo[key] = (shared, const)
-        shared, const = self.memo[key]
-        return shared, self.v @ linear.weight.T, const
-
-    def add(self, u: Tensor, v: Tensor) -> None:
-        self.u = torch.cat([self.u, u], dim=2)
-        self.v = torch.cat([self.v, v], dim=1)
-
-    def layer_norm(self, norm: nn.LayerNorm) -> None:
-        c = self.k.shape[1]
-        v_sum = self.v.sum(dim=2)  # [B, r]
-        mean = (self.a * self.k.sum(dim=1) + torch.einsum("bnr,br->bn", self.u, v_sum)) / c
-        kv = torch.einsum("nc,brc->bnr", self.k, self.v)  # [B, N, r]
-        gram = self.v @ self.v.transpose(1, 2)  # [B, r, r]
-        square = (
-            self.a.square() * self.k.square().sum(dim=1)
-            + 2.0 * self.a * (self.u * kv).sum(dim=2)
-            + (self.u * (self.u @ gram)).sum(dim=2)
-        ) / c
-        inv = torch.rsqrt((square - mean.square()).clamp_min(0.0) + norm.eps)  # [B, N]
-        g, beta = norm.weight, norm.bias
-        batch, n = self.a.shape
-        ones = self.a.new_ones(batch, n, 1)
-        self.k = self.k * g
-        self.a = self.a * inv
-        self.u = torch.cat([self.u * inv[..., None], (-mean * inv)[..., None], ones], dim=2)
-        self.v = torch.cat(
-            [self.v * g, g.expand(batch, 1, c), beta.expand(batch, 1, c)], dim=1
-        )  # fmt: skip
+    def get(self, name: str, *inputs: Any, compute: Callable[..., Tensor]) -> Tensor:
+        """`compute(*inputs)`, once per distinct inputs."""
+        key = (name, *map(id, inputs))
+        hit = self._store.get(key)
+        if hit is None:
+            hit = (inputs, compute(*inputs))
+            self._store[key] = hit
+        return hit[1]
 
 
-def _heads(x: Tensor, heads: int) -> Tensor:
-    """[..., L, Ci] -> [..., H, L, d] for a batched tensor; [L, Ci] -> [L, H, d] for a shared one."""
-    *lead, length, ci = x.shape
-    x = x.reshape(*lead, length, heads, ci // heads)
-    return x if not lead else x.transpose(-3, -2)
+@dataclass(frozen=True)
+class _Shared:
+    m: Tensor  # [N, D]
 
 
-def _split(thin: Tensor, heads: int) -> Tensor:
-    """[B, r, Ci] -> [B, r, H, d] (r may be 0)."""
-    b, r, ci = thin.shape
-    return thin.reshape(b, r, heads, ci // heads)
+@dataclass
+class _Thin:
+    p: Tensor  # [B, N, R], R = heads x tokens
+    coef: Tensor  # [B, H, T, d]
+    basis: Tensor  # [H, d, D], shared
+    _z: Tensor | None = field(default=None, repr=False)
+
+    def z(self) -> Tensor:
+        """Per-prompt rows [B, R, D]."""
+        if self._z is None:
+            b, h, t, _ = self.coef.shape
+            self._z = torch.einsum("bhtd,hde->bhte", self.coef, self.basis).reshape(b, h * t, -1)
+        return self._z
+
+    def select(self, idx: Tensor) -> _Thin:
+        return _Thin(self.p[idx], self.coef[idx], self.basis)
 
 
-def _token_to_image(attn: nn.Module, queries: Tensor, keys: _Keys, pe: Tensor) -> Tensor:
+@dataclass(frozen=True)
+class _Vec:
+    v: Tensor  # [D] shared or [B, D] per prompt
+
+
+_Basis = _Shared | _Thin | _Vec
+_Term = tuple[Tensor | None, _Basis]  # (row scale [B, N] or None, basis)
+
+
+def _rows(x: Tensor) -> Tensor:
+    """A per-row quantity ([N] shared, [B, N] or [B, N, 1] per prompt, [B] or [] constant over the rows) as
+    something that broadcasts against [B, N]; a 1-D [N] input must be marked by the caller (see `_sum`)."""
+    if x.dim() == 3:
+        return x[..., 0]
+    if x.dim() == 0:
+        return x.reshape(1, 1)
+    return x
+
+
+class _Lin:
+    """Keys (or a projection of them) of B prompts as a sum of scaled terms (see the module docstring)."""
+
+    def __init__(
+        self, terms: list[_Term], *, memo: _Memo, batch: int, n: int, factors: Tensor | None = None
+    ) -> None:
+        shared_vecs = [b.v for s, b in terms if s is None and isinstance(b, _Vec)]
+        terms = [(s, b) for s, b in terms if not (s is None and isinstance(b, _Vec))]
+        if shared_vecs:  # one constant row for all the unscaled vectors
+            terms.append((None, _Vec(torch.stack(torch.broadcast_tensors(*shared_vecs)).sum(0))))
+        self.terms, self.memo, self.batch, self.n = terms, memo, batch, n
+        self._factors = factors
+
+    def _new(self, terms: list[_Term]) -> _Lin:
+        return _Lin(terms, memo=self.memo, batch=self.batch, n=self.n)
+
+    def plus(self, terms: list[_Term]) -> _Lin:
+        return self._new(self.terms + terms)
+
+    def select(self, idx: Tensor) -> _Lin:
+        terms: list[_Term] = []
+        for scale, basis in self.terms:
+            if isinstance(basis, _Thin):
+                basis = basis.select(idx)
+            elif isinstance(basis, _Vec) and basis.v.dim() == 2:
+                basis = _Vec(basis.v[idx])
+            terms.append((None if scale is None else scale[idx], basis))
+        return _Lin(terms, memo=self.memo, batch=len(idx), n=self.n)
+
+    # -- linear maps --------------------------------------------------------------------------------------------
+
+    def project(self, linear: nn.Linear, pe: Tensor | None = None) -> _Lin:
+        """`linear(X + pe)` (or `linear(X)`) in the same representation."""
+        w, memo = linear.weight, self.memo
+        terms: list[_Term] = []
+        for scale, basis in self.terms:
+            if isinstance(basis, _Shared):
+                basis = _Shared(memo.get("proj", basis.m, w, compute=lambda m, w: m @ w.T))
+            elif isinstance(basis, _Thin):
+                basis = _Thin(
+                    basis.p, basis.coef, memo.get("proj", basis.basis, w, compute=lambda b, w: b @ w.T)
+                )
+            else:
+                basis = _Vec(basis.v @ w.T)
+            terms.append((scale, basis))
+        if pe is None:
+            terms.append((None, _Vec(linear.bias)))
+        else:
+            terms.append(
+                (
+                    None,
+                    _Shared(memo.get("pe", pe, linear, compute=lambda pe, lin: pe @ lin.weight.T + lin.bias)),
+                )
+            )
+        # same row terms in the same order, so the same row factors
+        return _Lin(terms, memo=memo, batch=self.batch, n=self.n, factors=self._factors)
+
+    def layer_norm(self, norm: nn.LayerNorm) -> _Lin:
+        """`norm(X)` over the last axis."""
+        total, square = self._row_sums()
+        width = norm.weight.shape[0]
+        mean = total / width
+        inv = torch.rsqrt((square / width - mean.square()).clamp_min(0.0) + norm.eps)  # [B, N]
+        g, memo = norm.weight, self.memo
+        terms: list[_Term] = []
+        for scale, basis in self.terms:
+            if isinstance(basis, _Shared):
+                basis = _Shared(memo.get("scale", basis.m, g, compute=torch.mul))
+            elif isinstance(basis, _Thin):
+                basis = _Thin(basis.p, basis.coef, memo.get("scale", basis.basis, g, compute=torch.mul))
+            else:
+                basis = _Vec(basis.v * g)
+            terms.append((inv if scale is None else inv * scale, basis))
+        terms += [(-inv * mean, _Vec(g)), (None, _Vec(norm.bias))]
+        return self._new(terms)
+
+    # -- reductions ---------------------------------------------------------------------------------------------
+
+    # Thin terms and scaled vector terms share one "row factor" matrix per keys state ([B, N, K]: the scaled P
+    # blocks, then the scales of the vectors): a projection only maps their column factors, so one batched
+    # matrix product per attention covers all of them.
+
+    def _row_terms(self) -> list[_Term]:
+        return [
+            (s, b) for s, b in self.terms if isinstance(b, _Thin) or (isinstance(b, _Vec) and s is not None)
+        ]
+
+    def _left(self) -> Tensor | None:
+        if self._factors is None:
+            cols = []
+            for scale, basis in self._row_terms():
+                if isinstance(basis, _Thin):
+                    cols.append(basis.p if scale is None else basis.p * scale[..., None])
+                else:
+                    cols.append(scale[..., None])
+            self._factors = torch.cat(cols, dim=2) if cols else None
+        return self._factors
+
+    def _right(self) -> Tensor:
+        """Column factors [B, K, D] matching `_left`."""
+        rows = []
+        for _, basis in self._row_terms():
+            if isinstance(basis, _Thin):
+                rows.append(basis.z())
+            else:
+                rows.append(basis.v.reshape(-1, 1, basis.v.shape[-1]).expand(self.batch, 1, -1))
+        return torch.cat(rows, dim=1)
+
+    def _shared_terms(self) -> list[_Term]:
+        return [(s, b) for s, b in self.terms if isinstance(b, _Shared)]
+
+    def _constant(self) -> Tensor | None:
+        vecs = [b.v for s, b in self.terms if s is None and isinstance(b, _Vec)]
+        return vecs[0] if vecs else None
+
+    def scores(self, q: Tensor) -> Tensor:
+        """sum_d X[b, n, (h, d)] q[b, h, t, d] -> [B, N, H, T] for per-prompt vectors q [B, H, T, d]."""
+        b, h, t, d = q.shape
+        out = None
+        left = self._left()
+        if left is not None:
+            rq = torch.einsum("bkhd,bhtd->bkht", self._right().view(b, -1, h, d), q).reshape(b, -1, h * t)
+            out = (left @ rq).view(b, self.n, h, t)
+        qh = q.permute(1, 3, 0, 2).reshape(h, d, b * t)  # [H, d, B*T]
+        for scale, basis in self._shared_terms():
+            # [H, N, B*T] read through a permuted view: no copy of the [B, N, H, T] block
+            x = (
+                torch.bmm(basis.m.view(self.n, h, d).transpose(0, 1), qh)
+                .view(h, self.n, b, t)
+                .permute(2, 1, 0, 3)
+            )
+            if out is None:
+                out = x * scale[:, :, None, None] if scale is not None else x.contiguous()
+            elif scale is None:
+                out = out.add_(x)
+            else:
+                out = out.addcmul_(x, scale[:, :, None, None])
+        const = self._constant()
+        if const is not None:
+            out = out.add_((const.reshape(*const.shape[:-1], h, 1, d) * q).sum(-1)[:, None])
+        return out
+
+    def weighted(self, pr: Tensor) -> Tensor:
+        """sum_n pr[b, n, h, t] X[b, n, (h, d)] -> [B, H, T, d] for attention weights pr [B, N, H, T] whose sum
+        over n is 1."""
+        b, n, h, t = pr.shape
+        out = None
+        left = self._left()
+        if left is not None:
+            g = (pr.reshape(b, n, h * t).transpose(1, 2) @ left).view(b, h, t, -1)  # [B, H, T, K]
+            right = self._right()
+            out = torch.einsum("bhtk,bkhd->bhtd", g, right.view(b, right.shape[1], h, -1))
+        for scale, basis in self._shared_terms():
+            w = pr if scale is None else pr * scale[:, :, None, None]
+            o = torch.einsum("bnht,nhd->bhtd", w, basis.m.view(n, h, -1))
+            out = o if out is None else out + o
+        const = self._constant()
+        if const is not None:
+            v = const.reshape(*const.shape[:-1], h, 1, -1)  # [H, 1, d] or [B, H, 1, d]
+            out = out + v
+        return out
+
+    def _row_sums(self) -> tuple[Tensor, Tensor]:
+        """Row sums and row sums of squares [B, N], from pairwise inner products of the terms."""
+        total = None
+        for scale, basis in self.terms:
+            s = _rows(self._sum(basis))
+            s = s if scale is None else s * scale
+            total = s if total is None else total + s
+        square = None
+        for i, (si, bi) in enumerate(self.terms):
+            for j in range(i, len(self.terms)):
+                sj, bj = self.terms[j]
+                x = _rows(self._inner(bi, bj))
+                if si is not None:
+                    x = x * si
+                if sj is not None:
+                    x = x * sj
+                x = x if i == j else 2.0 * x
+                square = x if square is None else square + x
+        full = torch.zeros(self.batch, self.n, dtype=total.dtype, device=total.device)
+        return full + total, full + square
+
+    def _sum(self, basis: _Basis) -> Tensor:
+        if isinstance(basis, _Shared):
+            return self.memo.get("sum", basis.m, compute=lambda m: m.sum(1)[None])  # [1, N]
+        if isinstance(basis, _Thin):
+            return basis.p @ basis.z().sum(-1)[..., None]  # [B, N, 1]
+        return basis.v.sum(-1).reshape(-1, 1)  # [1 or B, 1]
+
+    def _inner(self, a: _Basis, b: _Basis) -> Tensor:
+        """Row-wise inner products of two terms' rows, shaped to broadcast against [B, N] (see `_rows`)."""
+        order = {_Shared: 0, _Thin: 1, _Vec: 2}
+        if order[type(a)] > order[type(b)]:
+            a, b = b, a
+        memo = self.memo
+        if isinstance(a, _Shared) and isinstance(b, _Shared):
+            return memo.get("inner", a.m, b.m, compute=lambda x, y: (x * y).sum(1)[None])
+        if isinstance(a, _Shared) and isinstance(b, _Thin):
+            hh, d, _ = b.basis.shape
+            sb = memo.get(
+                "sb", a.m, b.basis, compute=lambda m, bb: (m @ bb.reshape(hh * d, -1).T).view(-1, hh, d)
+            )
+            c = torch.einsum("nhd,bhtd->bnht", sb, b.coef).reshape(b.p.shape)
+            return (c * b.p).sum(-1)
+        if isinstance(a, _Shared):  # and a _Vec
+            return (a.m @ b.v.T).T if b.v.dim() == 2 else (a.m @ b.v)[None]
+        if isinstance(a, _Thin) and isinstance(b, _Thin):
+            gram = a.z() @ b.z().transpose(1, 2)  # [B, Ra, Rb]
+            return ((a.p @ gram) * b.p).sum(-1)
+        if isinstance(a, _Thin):  # and a _Vec
+            zv = a.z() @ (
+                b.v[..., None] if b.v.dim() == 2 else b.v[None, :, None].expand(a.p.shape[0], -1, 1)
+            )
+            return a.p @ zv  # [B, N, 1]
+        return (a.v * b.v).sum(-1).reshape(-1, 1)
+
+    def materialize(self) -> Tensor:
+        """The keys themselves, [B, N, D]."""
+        out = None
+        for scale, basis in self.terms:
+            if isinstance(basis, _Shared):
+                x = basis.m[None]
+            elif isinstance(basis, _Thin):
+                x = basis.p @ basis.z()
+            else:
+                x = basis.v[:, None, :] if basis.v.dim() == 2 else basis.v[None, None, :]
+            if scale is not None:
+                x = x * scale[..., None]
+            out = x if out is None else out + x
+        return out.expand(self.batch, self.n, -1)
+
+
+def _token_to_image(attn: nn.Module, queries: Tensor, keys: _Lin, pe: Tensor) -> Tensor:
     """`attn(q=queries, k=keys + pe, v=keys)` for queries [B, T, C]: the tokens attend to the image."""
+    b, t, _ = queries.shape
     h = attn.num_heads
-    q = _heads(attn.q_proj(queries), h)  # [B, H, T, d]
-    k_shared, k_thin, k_const = keys.projection(attn.k_proj, pe)
-    v_shared, v_thin, _ = keys.projection(attn.v_proj, None)
-    scores = torch.einsum("bhtd,nhd->bhtn", q, _heads(k_shared, h)) * keys.a[:, None, None, :]
-    b, _, t, _ = q.shape
-    qk_thin = torch.einsum("bhtd,brhd->bhtr", q, _split(k_thin, h)).reshape(b, h * t, -1)
-    scores = scores + (qk_thin @ keys.u.transpose(1, 2)).reshape(b, h, t, -1)
-    scores = scores + torch.einsum("bhtd,nhd->bhtn", q, _heads(k_const, h))
-    p = torch.softmax(scores / math.sqrt(q.shape[-1]), dim=-1)  # [B, H, T, N]
-    out = torch.einsum("bhtn,nhd->bhtd", p * keys.a[:, None, None, :], _heads(v_shared, h))
-    pu = (p.reshape(b, h * t, -1) @ keys.u).reshape(b, h, t, -1)  # [B, H, T, r]
-    out = out + torch.einsum("bhtr,brhd->bhtd", pu, _split(v_thin, h))
-    out = out + attn.v_proj.bias.reshape(1, h, 1, -1)  # softmax rows sum to 1
+    q = attn.q_proj(queries)
+    q = q.view(b, t, h, -1).transpose(1, 2)  # [B, H, T, d]
+    scores = keys.project(attn.k_proj, pe).scores(q) / math.sqrt(q.shape[-1])  # [B, N, H, T]
+    pr = torch.softmax(scores, dim=1)
+    out = keys.project(attn.v_proj).weighted(pr)  # [B, H, T, d]
     return attn.out_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
-def _image_to_token(attn: nn.Module, queries: Tensor, query_pe: Tensor, keys: _Keys, pe: Tensor) -> None:
-    """keys += attn(q=keys + pe, k=queries + query_pe, v=queries), kept in the thin representation."""
+def _image_to_token(attn: nn.Module, queries: Tensor, query_pe: Tensor, keys: _Lin, pe: Tensor) -> _Lin:
+    """keys + attn(q=keys + pe, k=queries + query_pe, v=queries), in the thin representation."""
+    b, t, _ = queries.shape
     h = attn.num_heads
-    k = _heads(attn.k_proj(queries + query_pe), h)  # [B, H, T, d]
-    v = _heads(attn.v_proj(queries), h)  # [B, H, T, d]
-    q_shared, q_thin, q_const = keys.projection(attn.q_proj, pe)
-    scores = torch.einsum("nhd,bhtd->bhnt", _heads(q_shared, h), k) * keys.a[:, None, :, None]
-    b, _, t, _ = k.shape
-    n = keys.u.shape[1]
-    qk_thin = torch.einsum("brhd,bhtd->brht", _split(q_thin, h), k).reshape(b, -1, h * t)
-    scores = scores + (keys.u @ qk_thin).reshape(b, n, h, t).permute(0, 2, 1, 3)
-    scores = scores + torch.einsum("nhd,bhtd->bhnt", _heads(q_const, h), k)
-    p = torch.softmax(scores / math.sqrt(k.shape[-1]), dim=-1)  # [B, H, N, T]
-    c = attn.out_proj.weight.shape[0]
-    w_out = attn.out_proj.weight.reshape(c, h, -1)  # [C, H, d]
-    m = torch.einsum("bhtd,chd->bhtc", v, w_out)  # [B, H, T, C]
-    u = p.permute(0, 2, 1, 3).reshape(b, n, h * t)
-    keys.add(
-        torch.cat([u, u.new_ones(b, n, 1)], dim=2),
-        torch.cat([m.reshape(b, h * t, c), attn.out_proj.bias.expand(b, 1, c)], dim=1),
-    )
+    k = attn.k_proj(queries + query_pe).view(b, t, h, -1).transpose(1, 2)  # [B, H, T, d]
+    v = attn.v_proj(queries).view(b, t, h, -1).transpose(1, 2)
+    scores = keys.project(attn.q_proj, pe).scores(k) / math.sqrt(k.shape[-1])  # [B, N, H, T]
+    p = torch.softmax(scores, dim=-1).reshape(b, keys.n, h * t)
+    w_out = attn.out_proj.weight
+    basis = keys.memo.get("out", w_out, compute=lambda w: w.T.reshape(h, -1, w.shape[0]))
+    return keys.plus([(None, _Thin(p, v, basis)), (None, _Vec(attn.out_proj.bias))])
+
+
+class ThinDecoder:
+    """The official `MaskDecoder`'s transformer and IoU head for batches of prompts on one image whose dense
+    prompt embedding is the same for all (no mask input)."""
+
+    def __init__(self, decoder: nn.Module, *, image_embed: Tensor, dense: Tensor, image_pe: Tensor) -> None:
+        self.decoder = decoder
+        self.keys0 = (image_embed[0] + dense[0]).flatten(1).T.contiguous()  # [N, C]
+        self.pe = image_pe[0].flatten(1).T.contiguous()
+        self.memo = _Memo()
+
+    def __call__(self, tokens: Tensor) -> ThinState:
+        """Both two-way layers for prompts `tokens` [B, T, C] (the output tokens then the sparse prompt
+        embeddings); `iou` and `outputs` finish the final attention."""
+        transformer = self.decoder.transformer
+        keys = _Lin(
+            [(None, _Shared(self.keys0))], memo=self.memo, batch=tokens.shape[0], n=self.keys0.shape[0]
+        )
+        pe, queries, query_pe = self.pe, tokens, tokens
+        for layer in transformer.layers:
+            if layer.skip_first_layer_pe:
+                queries = layer.self_attn(q=queries, k=queries, v=queries)
+            else:
+                q = queries + query_pe
+                queries = queries + layer.self_attn(q=q, k=q, v=queries)
+            queries = layer.norm1(queries)
+            out = _token_to_image(layer.cross_attn_token_to_image, queries + query_pe, keys, pe)
+            queries = layer.norm2(queries + out)
+            queries = layer.norm3(queries + layer.mlp(queries))
+            keys = _image_to_token(layer.cross_attn_image_to_token, queries, query_pe, keys, pe)
+            keys = keys.layer_norm(layer.norm4)
+        return ThinState(queries=queries, query_pe=query_pe, keys=keys)
+
+    def _final(self, queries: Tensor, query_pe: Tensor, keys: _Lin) -> Tensor:
+        attn = self.decoder.transformer.final_attn_token_to_image
+        out = _token_to_image(attn, queries + query_pe, keys, self.pe)
+        return self.decoder.transformer.norm_final_attn(queries + out)
+
+    def iou(self, state: ThinState) -> Tensor:
+        """Predicted IoU [B, mask tokens]. The final attention is per token, so only the IoU token's runs."""
+        s = 1 if self.decoder.pred_obj_scores else 0
+        token = slice(s, s + 1)
+        out = self._final(state.queries[:, token], state.query_pe[:, token], state.keys)
+        return self.decoder.iou_prediction_head(out[:, 0, :])
+
+    def outputs(self, state: ThinState, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """(output tokens [b, T, C], image tokens [b, N, C]) of the prompts `idx`, as the official
+        `TwoWayTransformer` returns them."""
+        keys = state.keys.select(idx)
+        return self._final(state.queries[idx], state.query_pe[idx], keys), keys.materialize()
+
+
+@dataclass
+class ThinState:
+    """The decoder state after the two-way layers: per-prompt tokens and their thin keys."""
+
+    queries: Tensor
+    query_pe: Tensor
+    keys: _Lin
 
 
 def point_iou(
@@ -136,36 +421,10 @@ def point_iou(
     dense: Tensor,
     image_pe: Tensor,
     tokens: Tensor,
-    batch_size: int = 64,
+    batch_size: int = 8,
 ) -> Tensor:
     """Predicted IoU [B, num_mask_tokens] of the official `MaskDecoder` for prompts whose dense embedding is the
     same for all (no mask input): `image_embed` [1, C, h, w], `dense` [1 or B, C, h, w] (only [0] is read),
     `image_pe` [1, C, h, w], `tokens` [B, T, C] (output tokens then the sparse prompt embeddings)."""
-    k0 = (image_embed[0] + dense[0]).flatten(1).T  # [N, C]
-    pe = image_pe[0].flatten(1).T
-    memo: dict[tuple[int, bool], tuple[Tensor, Tensor]] = {}
-    parts = [
-        _point_iou(decoder, _Keys(k0, len(chunk), memo), pe, chunk) for chunk in tokens.split(batch_size)
-    ]
-    return torch.cat(parts)
-
-
-def _point_iou(decoder: nn.Module, keys: _Keys, pe: Tensor, tokens: Tensor) -> Tensor:
-    transformer = decoder.transformer
-    queries, query_pe = tokens, tokens
-    for layer in transformer.layers:
-        if layer.skip_first_layer_pe:
-            queries = layer.self_attn(q=queries, k=queries, v=queries)
-        else:
-            q = queries + query_pe
-            queries = queries + layer.self_attn(q=q, k=q, v=queries)
-        queries = layer.norm1(queries)
-        queries = layer.norm2(queries + _token_to_image(layer.cross_attn_token_to_image, queries + query_pe,
-                                                        keys, pe))  # fmt: skip
-        queries = layer.norm3(queries + layer.mlp(queries))
-        _image_to_token(layer.cross_attn_image_to_token, queries, query_pe, keys, pe)
-        keys.layer_norm(layer.norm4)
-    out = _token_to_image(transformer.final_attn_token_to_image, queries + query_pe, keys, pe)
-    queries = transformer.norm_final_attn(queries + out)
-    s = 1 if decoder.pred_obj_scores else 0
-    return decoder.iou_prediction_head(queries[:, s, :])
+    thin = ThinDecoder(decoder, image_embed=image_embed, dense=dense, image_pe=image_pe)
+    return torch.cat([thin.iou(thin(chunk)) for chunk in tokens.split(batch_size)])
