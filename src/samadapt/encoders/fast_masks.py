@@ -208,8 +208,7 @@ class FastMaskGenerator:
         """The official `MaskDecoder.predict_masks` arithmetic for a chunk of prompts: the thin-keys transformer
         for all, the final attention over all tokens and the upscaling only for the points with a candidate
         above `pred_iou_thresh`."""
-        dec, feats = self.model.sam_mask_decoder, self.predictor._features
-        s = 1 if dec.pred_obj_scores else 0
+        dec = self.model.sam_mask_decoder
         with self._autocast():
             state = thin(tokens)
             if self.pred_iou_thresh > 0.0:
@@ -221,23 +220,7 @@ class FastMaskGenerator:
                 side = 4 * self.predictor._bb_feat_sizes[-1][0]
                 return _Candidates(torch.zeros(0, side, side), torch.zeros(0))
             self._upscaled += len(keep)
-            hs, src = thin.outputs(state, keep)
-            iou = dec.iou_prediction_head(hs[:, s, :]).float()
-            c, h, w = feats["image_embed"].shape[1:]
-            src = src.transpose(1, 2).reshape(len(keep), c, h, w)
-            dc1, ln1, act1, dc2, act2 = dec.output_upscaling
-            if dec.use_high_res_features:
-                feat_s0, feat_s1 = feats["high_res_feats"]
-                up = act1(ln1(dc1(src) + feat_s1))
-                up = act2(dc2(up) + feat_s0)
-            else:
-                up = dec.output_upscaling(src)
-            tokens_out = hs[:, s + 1 : s + 1 + dec.num_mask_tokens, :]
-            hyper = torch.stack(
-                [mlp(tokens_out[:, i, :]) for i, mlp in enumerate(dec.output_hypernetworks_mlps)], dim=1
-            )
-            bk, ck, hk, wk = up.shape
-            masks = (hyper @ up.reshape(bk, ck, hk * wk)).reshape(bk, -1, hk, wk).float()
+            masks, iou = self._masks(thin, state, keep)
         if self.multimask_output:
             masks, iou = masks[:, 1:], iou[:, 1:]
         elif dec.dynamic_multimask_via_stability and not dec.training:
@@ -245,6 +228,33 @@ class FastMaskGenerator:
         else:
             masks, iou = masks[:, 0:1], iou[:, 0:1]
         return _Candidates(masks.flatten(0, 1), iou.flatten(0, 1))
+
+    def _masks(self, thin: ThinDecoder, state: Any, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Low-resolution logits [b, 4, 4h, 4w] and IoU [b, 4] of the prompts `keep`: the official
+        `output_upscaling` and hypernetwork arithmetic, channels-last. Each 2x2 stride-2 transposed convolution
+        is a per-pixel matrix product followed by a pixel shuffle; the first is applied to the thin keys'
+        factors directly, so the 64x64x256 image tokens of a prompt are never built."""
+        dec, feats = self.model.sam_mask_decoder, self.predictor._features
+        s = 1 if dec.pred_obj_scores else 0
+        dc1, ln1, act1, dc2, act2 = dec.output_upscaling
+        h, w = feats["image_embed"].shape[2:]
+        w1 = dc1.weight.permute(2, 3, 1, 0).reshape(-1, dc1.weight.shape[0])  # [(i, j, out), in]
+        hs, up = thin.outputs(state, keep, weight=w1, bias=dc1.bias.repeat(4))  # [b, h*w, (i, j, out)]
+        b = len(keep)
+        feat_s0 = feat_s1 = None
+        if dec.use_high_res_features:
+            feat_s0, feat_s1 = (f[0].permute(1, 2, 0) for f in feats["high_res_feats"])
+        up = _pixel_shuffle(up.view(b, h, w, -1), dc1.weight.shape[1], add=feat_s1)  # [b, 2h, 2w, C1]
+        up = act1(F.layer_norm(up, (up.shape[-1],), ln1.weight, ln1.bias, ln1.eps))
+        w2 = dc2.weight.permute(2, 3, 1, 0).reshape(-1, dc2.weight.shape[0])
+        up = _pixel_shuffle(F.linear(up, w2, dc2.bias.repeat(4)), dc2.weight.shape[1], add=feat_s0)
+        up = act2(up)  # [b, 4h, 4w, C2]
+        tokens_out = hs[:, s + 1 : s + 1 + dec.num_mask_tokens, :]
+        hyper = torch.stack(
+            [mlp(tokens_out[:, i, :]) for i, mlp in enumerate(dec.output_hypernetworks_mlps)], 1
+        )
+        masks = (hyper @ up.reshape(b, -1, up.shape[-1]).transpose(1, 2)).view(b, -1, 4 * h, 4 * w)
+        return masks.float(), dec.iou_prediction_head(hs[:, s, :]).float()
 
     def _batches(self, n: int) -> Iterator[slice]:
         for start in range(0, n, DECODE_CHUNK):
@@ -318,6 +328,19 @@ class FastMaskGenerator:
             full = self._upsample(logits[start : start + UPSAMPLE_CHUNK], size)
             masks[start : start + len(full)] = (full > thr).cpu().numpy()
         return masks, iou.float().cpu().numpy()
+
+
+def _pixel_shuffle(x: torch.Tensor, channels: int, *, add: torch.Tensor | None = None) -> torch.Tensor:
+    """[b, h, w, (i, j, c)] -> [b, 2h, 2w, c] (+ `add` [2h, 2w, c]): the output layout of a 2x2 stride-2
+    transposed convolution, written in one pass."""
+    b, h, w, _ = x.shape
+    view = x.view(b, h, w, 2, 2, channels).permute(0, 1, 3, 2, 4, 5)  # [b, h, i, w, j, c]
+    out = torch.empty(b, h, 2, w, 2, channels, dtype=x.dtype, device=x.device)
+    if add is None:
+        out.copy_(view)
+    else:
+        torch.add(view, add.reshape(h, 2, w, 2, channels), out=out)
+    return out.view(b, 2 * h, 2 * w, channels)
 
 
 def _boxes_of_logits(logits: torch.Tensor, *, threshold: float) -> torch.Tensor:

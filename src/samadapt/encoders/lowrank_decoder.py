@@ -313,20 +313,38 @@ class _Lin:
             return a.p @ zv  # [B, N, 1]
         return (a.v * b.v).sum(-1).reshape(-1, 1)
 
-    def materialize(self) -> Tensor:
-        """The keys themselves, [B, N, D]."""
+    def materialize(self, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+        """The keys themselves [B, N, D], or their image `X @ weight.T + bias` [B, N, D'] under an affine map,
+        computed on the factors (cheaper than materialising the keys first when D' >= D)."""
+        memo = self.memo
+        left = self._left()
         out = None
-        for scale, basis in self.terms:
-            if isinstance(basis, _Shared):
-                x = basis.m[None]
-            elif isinstance(basis, _Thin):
-                x = basis.p @ basis.z()
+        if left is not None:
+            right = self._right()
+            out = left @ (right if weight is None else right @ weight.T)
+        for scale, basis in self._shared_terms():
+            m = (
+                basis.m
+                if weight is None
+                else memo.get("dense", basis.m, weight, compute=lambda m, w: m @ w.T)
+            )
+            if out is None:
+                out = (
+                    (m[None] * scale[..., None]) if scale is not None else m[None].expand(self.batch, -1, -1)
+                )
+                out = out.contiguous()
+            elif scale is None:
+                out = out.add_(m)
             else:
-                x = basis.v[:, None, :] if basis.v.dim() == 2 else basis.v[None, None, :]
-            if scale is not None:
-                x = x * scale[..., None]
-            out = x if out is None else out + x
-        return out.expand(self.batch, self.n, -1)
+                out = out.addcmul_(m[None], scale[..., None])
+        const = self._constant()
+        if const is not None:
+            const = const if weight is None else const @ weight.T
+        if bias is not None:
+            const = bias if const is None else const + bias
+        if const is not None:
+            out = out.add_(const[:, None, :] if const.dim() == 2 else const)
+        return out
 
 
 def _token_to_image(attn: nn.Module, queries: Tensor, keys: _Lin, pe: Tensor) -> Tensor:
@@ -398,11 +416,14 @@ class ThinDecoder:
         out = self._final(state.queries[:, token], state.query_pe[:, token], state.keys)
         return self.decoder.iou_prediction_head(out[:, 0, :])
 
-    def outputs(self, state: ThinState, idx: Tensor) -> tuple[Tensor, Tensor]:
+    def outputs(
+        self, state: ThinState, idx: Tensor, weight: Tensor | None = None, bias: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """(output tokens [b, T, C], image tokens [b, N, C]) of the prompts `idx`, as the official
-        `TwoWayTransformer` returns them."""
+        `TwoWayTransformer` returns them; with `weight` [D, C] (and `bias`), the image tokens come as
+        `tokens @ weight.T + bias`."""
         keys = state.keys.select(idx)
-        return self._final(state.queries[idx], state.query_pe[idx], keys), keys.materialize()
+        return self._final(state.queries[idx], state.query_pe[idx], keys), keys.materialize(weight, bias)
 
 
 @dataclass
