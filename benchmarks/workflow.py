@@ -70,13 +70,53 @@ def run_classify(root: Path, *, n: int, epochs: int, seeds: int, image_size: int
     start = time.perf_counter()
     run_sweep(ClassifyTask(), cfg, axes, out=root / "sweep")
     runs = time.perf_counter() - start
+    stages = _stages(root / "sweep")
     images = [dataset.image(i) for i in range(2)]
     official = official_sam_seconds(image_size, images)
     # naive: slca re-encodes every image every epoch of each of its 3 x seeds runs, the probe once per run
     naive_encoding = official * n * (epochs + 1) * 3 * seeds
     return {"task": "classify", "images": n, "runs": 9 * seeds, "epochs": epochs, "encoding_s": encoding,
-            "runs_s": runs, "total_s": encoding + runs, "official_encoder_s_per_image": official,
+            "runs_s": runs, "total_s": encoding + runs, "stage_seconds": stages,
+            "official_encoder_s_per_image": official,
             "naive_total_s_modelled": naive_encoding + runs}  # fmt: skip
+
+
+def _stages(sweep: Path) -> dict:
+    """Seconds per stage summed over a sweep's runs (metrics.json["stage_seconds"])."""
+    total: dict[str, float] = {}
+    for path in sorted((sweep / "runs").glob("*/metrics.json")):
+        for stage, seconds in json.loads(path.read_text()).get("stage_seconds", {}).items():
+            total[stage] = round(total.get(stage, 0.0) + seconds, 2)
+    return total
+
+
+def run_segment(root: Path, *, patients: int, epochs: int, aug_views: int, image_size: int) -> dict:
+    """A segmentation sweep through the CLI: 3 heads x 2 volume budgets, SAM ViT-B at real size."""
+    from samadapt.cli.main import main
+    from samadapt.tasks.segment.synthetic import write_acdc_like
+
+    data = write_acdc_like(root / "acdc", patients=patients)
+    start = time.perf_counter()
+    code = main(["sweep", "--task", "segment", "--data", str(data), "--methods", "autosam,cnn,linear",
+                 "--train-volumes", f"1,{max(1, patients // 2)}", "--seeds", "0", "--epochs", str(epochs),
+                 "--aug-views", str(aug_views), "--encoder-image-size", str(image_size), "--store",
+                 str(root / "store"), "--out", str(root / "sweep"), "--no-progress"])  # fmt: skip
+    total = time.perf_counter() - start
+    if code != 0:
+        raise SystemExit(f"the segmentation sweep failed with exit code {code}")
+    stages = _stages(root / "sweep")
+    runs = len(list((root / "sweep" / "runs").glob("*/metrics.json")))
+    encoded = sum(1 for _ in (root / "store").rglob("*.safetensors"))
+    images = [np.zeros((224, 224), np.uint8)] * 2
+    official = official_sam_seconds(image_size, images)
+    # naive: every training slice view re-encoded by the official encoder every epoch of every run
+    train_slices = json.loads(next((root / "sweep" / "runs").glob("*/metrics.json")).read_text()).get(
+        "train_slices", 0
+    )
+    naive = official * train_slices * (aug_views + 1) * epochs * runs
+    return {"task": "segment", "patients": patients, "runs": runs, "epochs": epochs, "aug_views": aug_views,
+            "total_s": round(total, 2), "stage_seconds": stages, "store_shards": encoded,
+            "official_encoder_s_per_image": official, "naive_encoding_s_modelled": round(naive, 1)}  # fmt: skip
 
 
 def run_fewshot(root: Path, *, n: int, points: int, image_size: int) -> dict:
@@ -109,23 +149,39 @@ def run_fewshot(root: Path, *, n: int, points: int, image_size: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (minutes, not hours)")
-    parser.add_argument("--tasks", default="classify,fewshot")
+    parser.add_argument("--tasks", default="classify,segment,fewshot")
+    parser.add_argument(
+        "--size",
+        choices=("quick", "medium", "full"),
+        default=None,
+        help="quick: minutes; medium: ~15 min on 2 cores; full: the issue's sizes (hours)",
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "workflow.json")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
-    sizes = {"classify": (24, 2, 1), "fewshot": (4, 16)} if args.quick else {"classify": (500, 30, 2),
-                                                                              "fewshot": (200, 32)}  # fmt: skip
+    size = args.size or ("quick" if args.quick else "full")
+    sizes = {
+        "quick": {"classify": (24, 2, 1), "segment": (2, 2, 0), "fewshot": (2, 16)},
+        "medium": {"classify": (60, 10, 1), "segment": (3, 10, 1), "fewshot": (3, 32)},
+        "full": {"classify": (500, 30, 2), "segment": (10, 120, 2), "fewshot": (200, 32)},
+    }[size]
     from samadapt.encoders.precision import cpu_model
 
     load = os.getloadavg()[0]
     results = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__, "load_start": load,
-               "quick": args.quick, "tasks": []}  # fmt: skip
+               "size": size, "tasks": []}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         if "classify" in args.tasks:
             n, epochs, seeds = sizes["classify"]
             results["tasks"].append(
                 run_classify(root / "c", n=n, epochs=epochs, seeds=seeds, image_size=1024)
+            )
+            print(json.dumps(results["tasks"][-1], indent=1), flush=True)
+        if "segment" in args.tasks:
+            patients, epochs, views = sizes["segment"]
+            results["tasks"].append(
+                run_segment(root / "s", patients=patients, epochs=epochs, aug_views=views, image_size=1024)
             )
             print(json.dumps(results["tasks"][-1], indent=1), flush=True)
         if "fewshot" in args.tasks:

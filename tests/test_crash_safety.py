@@ -130,6 +130,7 @@ def _run_metrics(sweep: Path) -> dict[str, dict]:
     for path in sorted((sweep / "runs").glob("*/metrics.json")):
         metrics = json.loads(path.read_text())
         metrics.pop("seconds")
+        metrics.pop("stage_seconds")
         found[path.parent.name] = metrics
     return found
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -106,11 +107,21 @@ class _Lin:
         terms = [(s, b) for s, b in terms if not (s is None and isinstance(b, _Vec))]
         if shared_vecs:  # one constant row for all the unscaled vectors
             terms.append((None, _Vec(torch.stack(torch.broadcast_tensors(*shared_vecs)).sum(0))))
+        unscaled = [b.m for s, b in terms if s is None and isinstance(b, _Shared)]
+        if len(unscaled) > 1:  # and one shared matrix for all the unscaled ones
+            terms = [(s, b) for s, b in terms if not (s is None and isinstance(b, _Shared))]
+            merged = memo.get("sum", *unscaled, compute=lambda *ms: torch.stack(ms).sum(0))
+            terms.insert(0, (None, _Shared(merged)))
         self.terms, self.memo, self.batch, self.n = terms, memo, batch, n
         self._factors = factors
 
     def _new(self, terms: list[_Term]) -> _Lin:
         return _Lin(terms, memo=self.memo, batch=self.batch, n=self.n)
+
+    def is_shared(self) -> bool:
+        """Whether every prompt has the same rows (only unscaled shared matrices and vectors)."""
+        return all(s is None and not isinstance(b, _Thin) and not (isinstance(b, _Vec) and b.v.dim() == 2)
+                   for s, b in self.terms)  # fmt: skip
 
     def plus(self, terms: list[_Term]) -> _Lin:
         return self._new(self.terms + terms)
@@ -250,7 +261,9 @@ class _Lin:
             out = torch.einsum("bhtk,bkhd->bhtd", g, right.view(b, right.shape[1], h, -1))
         for scale, basis in self._shared_terms():
             w = pr if scale is None else pr * scale[:, :, None, None]
-            o = torch.einsum("bnht,nhd->bhtd", w, basis.m.view(n, h, -1))
+            # all head pairs in one product, then the diagonal head blocks: cheaper than permuting w per head
+            full = w.reshape(b, n, h * t).transpose(1, 2) @ basis.m  # [B, H*T, H*d]
+            o = full.view(b, h, t, h, -1).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)  # [B, H, T, d]
             out = o if out is None else out + o
         const = self._constant()
         if const is not None:
@@ -259,25 +272,35 @@ class _Lin:
         return out
 
     def _row_sums(self) -> tuple[Tensor, Tensor]:
-        """Row sums and row sums of squares [B, N], from pairwise inner products of the terms."""
+        """Row sums and row sums of squares [B, N], from pairwise inner products of the terms (the products of a
+        thin term with all vector terms in one batched product)."""
         total = None
         for scale, basis in self.terms:
-            s = _rows(self._sum(basis))
-            s = s if scale is None else s * scale
-            total = s if total is None else total + s
-        square = None
+            x = _rows(self._sum(basis))
+            x = x if scale is None else x * scale
+            total = x if total is None else total + x
+        square = torch.zeros_like(total.expand(self.batch, self.n))
+        vecs = [(s, b) for s, b in self.terms if isinstance(b, _Vec)]
+        if vecs:
+            stacked = torch.stack([b.v.expand(self.batch, -1) for _, b in vecs], dim=2)  # [B, D, J]
+            scales = torch.stack(
+                [torch.ones_like(square) if s is None else s.expand_as(square) for s, _ in vecs], 2
+            )
         for i, (si, bi) in enumerate(self.terms):
+            if isinstance(bi, _Thin) and vecs:
+                x = 2.0 * ((bi.p @ (bi.z() @ stacked)) * scales).sum(-1)  # [B, N]
+                square += x if si is None else x * si
             for j in range(i, len(self.terms)):
                 sj, bj = self.terms[j]
+                if {type(bi), type(bj)} == {_Thin, _Vec}:
+                    continue  # above
                 x = _rows(self._inner(bi, bj))
                 if si is not None:
                     x = x * si
                 if sj is not None:
                     x = x * sj
-                x = x if i == j else 2.0 * x
-                square = x if square is None else square + x
-        full = torch.zeros(self.batch, self.n, dtype=total.dtype, device=total.device)
-        return full + total, full + square
+                square += x if i == j else 2.0 * x
+        return total.expand_as(square).contiguous(), square
 
     def _sum(self, basis: _Basis) -> Tensor:
         if isinstance(basis, _Shared):
@@ -301,7 +324,7 @@ class _Lin:
             )
             c = torch.einsum("nhd,bhtd->bnht", sb, b.coef).reshape(b.p.shape)
             return (c * b.p).sum(-1)
-        if isinstance(a, _Shared):  # and a _Vec
+        if isinstance(a, _Shared):  # and a _Vec (per chunk: not memoised)
             return (a.m @ b.v.T).T if b.v.dim() == 2 else (a.m @ b.v)[None]
         if isinstance(a, _Thin) and isinstance(b, _Thin):
             gram = a.z() @ b.z().transpose(1, 2)  # [B, Ra, Rb]
@@ -353,9 +376,15 @@ def _token_to_image(attn: nn.Module, queries: Tensor, keys: _Lin, pe: Tensor) ->
     h = attn.num_heads
     q = attn.q_proj(queries)
     q = q.view(b, t, h, -1).transpose(1, 2)  # [B, H, T, d]
-    scores = keys.project(attn.k_proj, pe).scores(q) / math.sqrt(q.shape[-1])  # [B, N, H, T]
-    pr = torch.softmax(scores, dim=1)
-    out = keys.project(attn.v_proj).weighted(pr)  # [B, H, T, d]
+    k, v = keys.project(attn.k_proj, pe), keys.project(attn.v_proj)
+    if k.is_shared() and v.is_shared():  # the first layer: keys and values are the same for every prompt
+        k_shared, v_shared = (x.materialize()[0].view(keys.n, h, -1).transpose(0, 1) for x in (k, v))
+        out = F.scaled_dot_product_attention(
+            q, k_shared.expand(b, -1, -1, -1), v_shared.expand(b, -1, -1, -1)
+        )
+    else:
+        scores = k.scores(q / math.sqrt(q.shape[-1]))  # [B, N, H, T]
+        out = v.weighted(torch.softmax(scores, dim=1))  # [B, H, T, d]
     return attn.out_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -365,7 +394,7 @@ def _image_to_token(attn: nn.Module, queries: Tensor, query_pe: Tensor, keys: _L
     h = attn.num_heads
     k = attn.k_proj(queries + query_pe).view(b, t, h, -1).transpose(1, 2)  # [B, H, T, d]
     v = attn.v_proj(queries).view(b, t, h, -1).transpose(1, 2)
-    scores = keys.project(attn.q_proj, pe).scores(k) / math.sqrt(k.shape[-1])  # [B, N, H, T]
+    scores = keys.project(attn.q_proj, pe).scores(k / math.sqrt(k.shape[-1]))  # [B, N, H, T]
     p = torch.softmax(scores, dim=-1).reshape(b, keys.n, h * t)
     w_out = attn.out_proj.weight
     basis = keys.memo.get("out", w_out, compute=lambda w: w.T.reshape(h, -1, w.shape[0]))

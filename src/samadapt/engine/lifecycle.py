@@ -72,14 +72,19 @@ def execute_run(
     started = time.perf_counter()
     # read (and check) the data first: bad data fails before anything of an earlier run is touched
     prepared = prepared if prepared is not None else prepared_for(task, cfg)
+    # wall time per stage in metrics.json["stage_seconds"] (prepare: data reading and encoding into the store;
+    # writing the outputs is the rest of "seconds")
+    timing = {"prepare": time.perf_counter() - started}
     if main:
         _start(tmp, resume=resume)
     tracker = open_tracker(task, cfg) if main else None
     try:
+        mark = time.perf_counter()
         fitted = task.fit(cfg, prepared, RunContext(dir=tmp, resume=resume, progress=cfg.progress, dist=dist))
+        timing["fit"] = time.perf_counter() - mark
         if not main:
             return {}
-        metrics = _finish(task, cfg, prepared, fitted, tmp, started=started)
+        metrics = _finish(task, cfg, prepared, fitted, tmp, started=started, timing=timing)
     except BaseException:
         if tracker is not None:
             tracker.close(status="FAILED")
@@ -118,8 +123,12 @@ def log_run(tracker: Any, run_dir: Path, metrics: dict[str, Any], history: list[
             tracker.log_artifact(path)
 
 
-def _finish(task: Task, cfg: RunConfig, prepared: Any, fitted: Fitted, tmp: Path, *, started: float) -> dict:
+def _finish(
+    task: Task, cfg: RunConfig, prepared: Any, fitted: Fitted, tmp: Path, *, started: float, timing: dict
+) -> dict:
+    mark = time.perf_counter()
     evaluation = task.evaluate(cfg, prepared, fitted)
+    timing["evaluate"] = time.perf_counter() - mark
     metrics = {
         **evaluation.metrics,
         "method": cfg.method,
@@ -128,6 +137,7 @@ def _finish(task: Task, cfg: RunConfig, prepared: Any, fitted: Fitted, tmp: Path
         "best_epoch": fitted.best_epoch,
         **fitted.info,
         "protocol": task.protocol(cfg),
+        "stage_seconds": {key: round(value, 3) for key, value in timing.items()},
     }
     write_run(task, cfg, prepared, fitted, evaluation, tmp, metrics=metrics, started=started)
     return metrics
