@@ -8,6 +8,9 @@ slows them alike; times are medians over rounds (the official generator is slow:
 Settings:
 - "official": the official defaults (32 x 32 points, pred_iou_thresh 0.8, stability_score_thresh 0.95). With
   random weights nearly nothing survives them; this is the speed bar.
+- "every_point_masked": the official settings but pred_iou_thresh 0, so that every point's masks go through the
+  fast path's mask stage (with trained weights most points pass the 0.8 IoU bar; random weights pass none):
+  the bound on the fast path's cost when nearly everything survives the IoU filter.
 - "permissive": thresholds 0 (16 x 16 points by default, to bound the official run's time), so that the
   agreement check has masks to compare.
 
@@ -77,6 +80,7 @@ def main() -> None:
     parser.add_argument("--fast-rounds", type=int, default=3)
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/mask_speed.json")
+    parser.add_argument("--only", nargs="*", default=None, help="settings to run (default: all)")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -98,11 +102,14 @@ def main() -> None:
     }
     runs = {
         "official": MaskerSettings(points_per_side=args.points),
+        "every_point_masked": MaskerSettings(points_per_side=args.points, pred_iou_thresh=0.0),
         "permissive": MaskerSettings(
             points_per_side=args.permissive_points, pred_iou_thresh=0.0, stability_score_thresh=0.0
         ),
     }
     for name, settings in runs.items():
+        if args.only and name not in args.only:
+            continue
         common = dict(settings=settings)
         ours = load_masker("sam2_hiera_t", tmp, **common, precision=args.precision)
         reference = load_masker("sam2_hiera_t", tmp, **common, implementation="official")

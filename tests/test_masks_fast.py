@@ -182,3 +182,20 @@ def test_thin_keys_decoder_equals_the_official_decoder(version):
     torch.testing.assert_close(ours, official, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(hs, hs_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(src, src_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_threaded_chunks_give_the_single_stream_result(sam2_file, image, monkeypatch):
+    import samadapt.encoders.fast_masks as fm
+
+    settings = MaskerSettings(points_per_side=6, pred_iou_thresh=0.0, stability_score_thresh=0.0,
+                              box_nms_thresh=0.95)  # fmt: skip
+    _, fast = _pair(sam2_file, settings)
+    monkeypatch.setattr(fm, "decode_workers", lambda device, chunks: 2)
+    threads = torch.get_num_threads()
+    threaded = fast.fast.generate_arrays(image)
+    assert torch.get_num_threads() == threads, "the intra-op thread count is restored"
+    monkeypatch.setattr(fm, "decode_workers", lambda device, chunks: 1)
+    single = fast.fast.generate_arrays(image)
+    assert threaded[0].shape[0] > 0
+    np.testing.assert_array_equal(threaded[0], single[0])
+    np.testing.assert_allclose(threaded[1], single[1], atol=1e-6)

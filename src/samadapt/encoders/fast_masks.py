@@ -245,30 +245,51 @@ class FastMaskGenerator:
 
     def _masks(self, thin: ThinDecoder, state: Any, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Low-resolution logits [b, 4, 4h, 4w] and IoU [b, 4] of the prompts `keep`: the official
-        `output_upscaling` and hypernetwork arithmetic, channels-last. Each 2x2 stride-2 transposed convolution
-        is a per-pixel matrix product followed by a pixel shuffle; the first is applied to the thin keys'
-        factors directly, so the 64x64x256 image tokens of a prompt are never built."""
+        `output_upscaling` and hypernetwork arithmetic. Each 2x2 stride-2 transposed convolution is a per-pixel
+        matrix product; the first runs on the thin keys' factors, so the 64x64x256 image tokens of a prompt are
+        never built. Everything stays in sub-pixel order (pixel (4y + 2i + k, 4x + 2j + l) at row (y, x, i, j),
+        column (k, l, c)), with the high-resolution features brought into that order once per image, so only
+        the 4-channel logits are reordered at the end."""
         dec, feats = self.model.sam_mask_decoder, self.predictor._features
         s = 1 if dec.pred_obj_scores else 0
         dc1, ln1, act1, dc2, act2 = dec.output_upscaling
         h, w = feats["image_embed"].shape[2:]
-        w1 = dc1.weight.permute(2, 3, 1, 0).reshape(-1, dc1.weight.shape[0])  # [(i, j, out), in]
-        hs, up = thin.outputs(state, keep, weight=w1, bias=dc1.bias.repeat(4))  # [b, h*w, (i, j, out)]
+        c1, c2 = dc1.weight.shape[1], dc2.weight.shape[1]
+        w1 = dc1.weight.permute(2, 3, 1, 0).reshape(-1, dc1.weight.shape[0])  # [(i, j, c1), in]
+        w2 = dc2.weight.permute(2, 3, 1, 0).reshape(-1, dc2.weight.shape[0])  # [(k, l, c2), c1]
+        add1, add2 = self._subpixel_features(thin, h=h, w=w)
+        # the final attention for the IoU token and the mask tokens only: hs[:, 0] IoU, hs[:, 1:] masks
+        hs, up = thin.outputs(state, keep, weight=w1, bias=add1, tokens=slice(s, s + 1 + dec.num_mask_tokens))
         b = len(keep)
-        feat_s0 = feat_s1 = None
-        if dec.use_high_res_features:
-            feat_s0, feat_s1 = (f[0].permute(1, 2, 0) for f in feats["high_res_feats"])
-        up = _pixel_shuffle(up.view(b, h, w, -1), dc1.weight.shape[1], add=feat_s1)  # [b, 2h, 2w, C1]
-        up = act1(F.layer_norm(up, (up.shape[-1],), ln1.weight, ln1.bias, ln1.eps))
-        w2 = dc2.weight.permute(2, 3, 1, 0).reshape(-1, dc2.weight.shape[0])
-        up = _pixel_shuffle(F.linear(up, w2, dc2.bias.repeat(4)), dc2.weight.shape[1], add=feat_s0)
-        up = act2(up)  # [b, 4h, 4w, C2]
-        tokens_out = hs[:, s + 1 : s + 1 + dec.num_mask_tokens, :]
-        hyper = torch.stack(
-            [mlp(tokens_out[:, i, :]) for i, mlp in enumerate(dec.output_hypernetworks_mlps)], 1
-        )
-        masks = (hyper @ up.reshape(b, -1, up.shape[-1]).transpose(1, 2)).view(b, -1, 4 * h, 4 * w)
-        return masks.float(), dec.iou_prediction_head(hs[:, s, :]).float()
+        up = act1(F.layer_norm(up.view(b, h * w * 4, c1), (c1,), ln1.weight, ln1.bias, ln1.eps))
+        up = act2((up @ w2.T).view(b, h * w, 4, 4 * c2).add_(add2))  # [b, (y, x), (i, j), (k, l, c2)]
+        hyper = torch.stack([mlp(hs[:, 1 + i, :]) for i, mlp in enumerate(dec.output_hypernetworks_mlps)], 1)
+        # [b, masks, (y, x, i, j, k, l)]: left in sub-pixel order, shaped [b, masks, 4h, 4w]; the stability
+        # score does not depend on pixel order, so only the candidates that get past it are reordered
+        masks = (hyper @ up.view(b, -1, c2).transpose(1, 2)).view(b, -1, 4 * h, 4 * w)
+        return masks.float(), dec.iou_prediction_head(hs[:, 0, :]).float()
+
+    def _subpixel_features(self, thin: ThinDecoder, *, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the two transposed convolutions' outputs get added before their activations, in sub-pixel order,
+        once per image: (bias1 + high-res features at stride 8) [h*w, (i, j, c1)] and (bias2 + features at
+        stride 4) [h*w, (i, j), (k, l, c2)]."""
+        dec, feats = self.model.sam_mask_decoder, self.predictor._features
+        dc1, _, _, dc2, _ = dec.output_upscaling
+        c1, c2 = dc1.weight.shape[1], dc2.weight.shape[1]
+
+        def compute(*_: Any) -> torch.Tensor:
+            add1 = dc1.bias.repeat(4).expand(h * w, -1)
+            add2 = dc2.bias.repeat(4).expand(h * w, 4, -1)
+            if dec.use_high_res_features:
+                feat_s0, feat_s1 = feats["high_res_feats"]
+                f1 = feat_s1[0].permute(1, 2, 0).reshape(h, 2, w, 2, c1).permute(0, 2, 1, 3, 4)
+                f0 = feat_s0[0].permute(1, 2, 0).reshape(h, 2, 2, w, 2, 2, c2).permute(0, 3, 1, 4, 2, 5, 6)
+                add1 = add1 + f1.reshape(h * w, 4 * c1)
+                add2 = add2 + f0.reshape(h * w, 4, 4 * c2)
+            return torch.cat([add1.reshape(h * w, -1), add2.reshape(h * w, -1)], dim=1).contiguous()
+
+        both = thin.memo.get("subpixel", feats["image_embed"], compute=compute)
+        return both[:, : 4 * c1], both[:, 4 * c1 :].reshape(h * w, 4, 4 * c2)
 
     def _decode_all(self, thin: ThinDecoder, tokens: torch.Tensor) -> list[tuple[_Candidates, int]]:
         """Every chunk of prompts, in order; on the CPU on `decode_workers()` threads."""
@@ -290,8 +311,9 @@ class FastMaskGenerator:
 
     # -- the generator ------------------------------------------------------------------------------------------
 
-    def _upsample(self, logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    def _upsample(self, logits: torch.Tensor, size: tuple[int, int], *, subpixel: bool) -> torch.Tensor:
         """Low-resolution logits [K, h, w] -> [K, H, W] as `SAM2Transforms.postprocess_masks` does."""
+        logits = _spatial(logits) if subpixel else logits
         return F.interpolate(logits[:, None].float(), size, mode="bilinear", align_corners=False)[:, 0]
 
     @torch.inference_mode()
@@ -325,7 +347,9 @@ class FastMaskGenerator:
             keep = iou > self.pred_iou_thresh
             logits, iou = logits[keep], iou[keep]
         counts["after_iou"] = len(iou)
+        subpixel = True  # the decoder's pixel order (see `_masks`) until something needs the image order
         if self.min_mask_region_area > 0 and len(iou):
+            logits, subpixel = _spatial(logits), False
             logits = fill_small_regions(logits, area=self.min_mask_region_area, threshold=self.mask_threshold)
         thr, offset = self.mask_threshold, self.stability_score_offset
         if self.stability_score_thresh > 0.0:
@@ -336,7 +360,7 @@ class FastMaskGenerator:
         # the official full-image stability score and box, chunk by chunk, for the candidates left
         stab, boxes = [], []
         for start in range(0, len(iou), UPSAMPLE_CHUNK):
-            full = self._upsample(logits[start : start + UPSAMPLE_CHUNK], size)
+            full = self._upsample(logits[start : start + UPSAMPLE_CHUNK], size, subpixel=subpixel)
             if self.stability_score_thresh > 0.0:
                 stab.append(stability_score(full, threshold=thr, offset=offset))
             boxes.append(_boxes_of_logits(full, threshold=thr))
@@ -353,22 +377,17 @@ class FastMaskGenerator:
         self.last_counts = counts
         masks = np.zeros((len(iou), height, width), bool)
         for start in range(0, len(iou), UPSAMPLE_CHUNK):
-            full = self._upsample(logits[start : start + UPSAMPLE_CHUNK], size)
+            full = self._upsample(logits[start : start + UPSAMPLE_CHUNK], size, subpixel=subpixel)
             masks[start : start + len(full)] = (full > thr).cpu().numpy()
         return masks, iou.float().cpu().numpy()
 
 
-def _pixel_shuffle(x: torch.Tensor, channels: int, *, add: torch.Tensor | None = None) -> torch.Tensor:
-    """[b, h, w, (i, j, c)] -> [b, 2h, 2w, c] (+ `add` [2h, 2w, c]): the output layout of a 2x2 stride-2
-    transposed convolution, written in one pass."""
-    b, h, w, _ = x.shape
-    view = x.view(b, h, w, 2, 2, channels).permute(0, 1, 3, 2, 4, 5)  # [b, h, i, w, j, c]
-    out = torch.empty(b, h, 2, w, 2, channels, dtype=x.dtype, device=x.device)
-    if add is None:
-        out.copy_(view)
-    else:
-        torch.add(view, add.reshape(h, 2, w, 2, channels), out=out)
-    return out.view(b, 2 * h, 2 * w, channels)
+def _spatial(logits: torch.Tensor) -> torch.Tensor:
+    """[K, 4h, 4w] logits in sub-pixel order (flat (y, x, i, j, k, l), pixel (4y + 2i + k, 4x + 2j + l)) -> the
+    image order."""
+    k, height, width = logits.shape
+    x = logits.reshape(k, height // 4, width // 4, 2, 2, 2, 2)
+    return x.permute(0, 1, 3, 5, 2, 4, 6).reshape(k, height, width)
 
 
 def _boxes_of_logits(logits: torch.Tensor, *, threshold: float) -> torch.Tensor:

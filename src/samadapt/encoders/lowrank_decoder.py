@@ -127,6 +127,8 @@ class _Lin:
         return self._new(self.terms + terms)
 
     def select(self, idx: Tensor) -> _Lin:
+        if len(idx) == self.batch and bool((idx == torch.arange(self.batch, device=idx.device)).all()):
+            return self  # every prompt: keep the computed row factors
         terms: list[_Term] = []
         for scale, basis in self.terms:
             if isinstance(basis, _Thin):
@@ -329,16 +331,15 @@ class _Lin:
         if isinstance(a, _Thin) and isinstance(b, _Thin):
             gram = a.z() @ b.z().transpose(1, 2)  # [B, Ra, Rb]
             return ((a.p @ gram) * b.p).sum(-1)
-        if isinstance(a, _Thin):  # and a _Vec
-            zv = a.z() @ (
-                b.v[..., None] if b.v.dim() == 2 else b.v[None, :, None].expand(a.p.shape[0], -1, 1)
-            )
-            return a.p @ zv  # [B, N, 1]
+        if isinstance(a, _Thin):  # and a _Vec (`_row_sums` batches these over all vectors instead)
+            v = b.v if b.v.dim() == 2 else b.v.expand(a.p.shape[0], -1)
+            return (a.p @ (a.z() @ v[..., None]))[..., 0]
         return (a.v * b.v).sum(-1).reshape(-1, 1)
 
     def materialize(self, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
         """The keys themselves [B, N, D], or their image `X @ weight.T + bias` [B, N, D'] under an affine map,
-        computed on the factors (cheaper than materialising the keys first when D' >= D)."""
+        computed on the factors (cheaper than materialising the keys first when D' >= D); `bias` is [D'] or
+        per pixel [N, D']."""
         memo = self.memo
         left = self._left()
         out = None
@@ -363,10 +364,10 @@ class _Lin:
         const = self._constant()
         if const is not None:
             const = const if weight is None else const @ weight.T
-        if bias is not None:
-            const = bias if const is None else const + bias
         if const is not None:
             out = out.add_(const[:, None, :] if const.dim() == 2 else const)
+        if bias is not None:
+            out = out.add_(bias)
         return out
 
 
@@ -446,13 +447,20 @@ class ThinDecoder:
         return self.decoder.iou_prediction_head(out[:, 0, :])
 
     def outputs(
-        self, state: ThinState, idx: Tensor, weight: Tensor | None = None, bias: Tensor | None = None
+        self,
+        state: ThinState,
+        idx: Tensor,
+        weight: Tensor | None = None,
+        bias: Tensor | None = None,
+        tokens: slice = slice(None),
     ) -> tuple[Tensor, Tensor]:
         """(output tokens [b, T, C], image tokens [b, N, C]) of the prompts `idx`, as the official
         `TwoWayTransformer` returns them; with `weight` [D, C] (and `bias`), the image tokens come as
-        `tokens @ weight.T + bias`."""
+        `tokens @ weight.T + bias`; `tokens` picks the output tokens to compute (the final attention is per
+        token)."""
         keys = state.keys.select(idx)
-        return self._final(state.queries[idx], state.query_pe[idx], keys), keys.materialize(weight, bias)
+        queries, query_pe = state.queries[idx][:, tokens], state.query_pe[idx][:, tokens]
+        return self._final(queries, query_pe, keys), keys.materialize(weight, bias)
 
 
 @dataclass
