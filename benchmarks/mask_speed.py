@@ -13,6 +13,8 @@ Settings:
   the bound on the fast path's cost when nearly everything survives the IoU filter.
 - "permissive": thresholds 0 (16 x 16 points by default, to bound the official run's time), so that the
   agreement check has masks to compare.
+- "permissive_no_nms": as "permissive" with box NMS off (box_nms_thresh 1.0), so that every decoded mask is
+  kept and compared: random weights leave few masks after NMS, this leaves all of them.
 
 Agreement (fp32): every official mask matched by one of ours at IoU >= 0.9, and the counts within 5 %.
 
@@ -105,6 +107,12 @@ def main() -> None:
         "every_point_masked": MaskerSettings(points_per_side=args.points, pred_iou_thresh=0.0),
         "permissive": MaskerSettings(
             points_per_side=args.permissive_points, pred_iou_thresh=0.0, stability_score_thresh=0.0
+        ),
+        "permissive_no_nms": MaskerSettings(
+            points_per_side=args.permissive_points,
+            pred_iou_thresh=0.0,
+            stability_score_thresh=0.0,
+            box_nms_thresh=1.0,
         ),
     }
     for name, settings in runs.items():

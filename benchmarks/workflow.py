@@ -1,8 +1,9 @@
 """Wall time of each task's real workflow on this machine, split into encoding, masks, training and evaluation,
 beside the naive path that re-runs the official encoder (or mask generator) for every epoch of every run.
 
-    python benchmarks/workflow.py                      # the issue's sizes: 500-image classify sweep, ... (slow)
-    python benchmarks/workflow.py --quick              # small sizes for a quick look (what CI-sized machines allow)
+    python benchmarks/workflow.py --size medium        # ~25 min on 2 cores: benchmarks/results/workflow.json
+    python benchmarks/workflow.py --size quick         # a few minutes: the script works
+    python benchmarks/workflow.py --size full          # the issue's sizes: 500-image classify sweep, ... (hours)
 
 The encoders are the real architectures at real input size with random weights (no checkpoint can be downloaded
 here; speed does not depend on the weights). Measured: our path end to end through the engine's sweep (encoding
@@ -98,7 +99,7 @@ def run_segment(root: Path, *, patients: int, epochs: int, aug_views: int, image
     data = write_acdc_like(root / "acdc", patients=patients)
     start = time.perf_counter()
     code = main(["sweep", "--task", "segment", "--data", str(data), "--methods", "autosam,cnn,linear",
-                 "--train-volumes", f"1,{max(1, patients // 2)}", "--seeds", "0", "--epochs", str(epochs),
+                 "--train-volumes", ",".join(map(str, sorted({1, max(1, patients // 3)}))), "--seeds", "0", "--epochs", str(epochs),
                  "--aug-views", str(aug_views), "--encoder-image-size", str(image_size), "--store",
                  str(root / "store"), "--out", str(root / "sweep"), "--no-progress"])  # fmt: skip
     total = time.perf_counter() - start
@@ -106,7 +107,7 @@ def run_segment(root: Path, *, patients: int, epochs: int, aug_views: int, image
         raise SystemExit(f"the segmentation sweep failed with exit code {code}")
     stages = _stages(root / "sweep")
     runs = len(list((root / "sweep" / "runs").glob("*/metrics.json")))
-    encoded = sum(1 for _ in (root / "store").rglob("*.safetensors"))
+    encoded = sum(1 for _ in (root / "store").rglob("*.npy"))
     images = [np.zeros((224, 224), np.uint8)] * 2
     official = official_sam_seconds(image_size, images)
     # naive: every training slice view re-encoded by the official encoder every epoch of every run
@@ -119,31 +120,64 @@ def run_segment(root: Path, *, patients: int, epochs: int, aug_views: int, image
             "official_encoder_s_per_image": official, "naive_encoding_s_modelled": round(naive, 1)}  # fmt: skip
 
 
-def run_fewshot(root: Path, *, n: int, points: int, image_size: int) -> dict:
-    from samadapt.data import read_dataset
+def mask_seconds(
+    image: np.ndarray,
+    *,
+    checkpoint: Path,
+    points: int,
+    image_size: int,
+    pred_iou_thresh: float,
+    implementation: str,
+) -> float:
+    """Seconds of one image's automatic masks: our generator ("fast") or sam2's SAM2AutomaticMaskGenerator
+    ("official"), the same weights and settings as the sweep's."""
     from samadapt.encoders.masks import MaskerSettings, load_masker
+
+    settings = MaskerSettings(points_per_side=points, pred_iou_thresh=pred_iou_thresh)
+    masker = load_masker(
+        "sam2_hiera_t", checkpoint, settings=settings, image_size=image_size, implementation=implementation
+    )
+    start = time.perf_counter()
+    masker.generate(image)
+    return time.perf_counter() - start
+
+
+def run_fewshot(root: Path, *, n: int, points: int, epochs: int, image_size: int) -> dict:
+    """A few-shot sweep through the CLI: MedFocusCLIP (SAM 2 masks as overlays, CLIP ViT-B/16 fine-tuned) beside
+    linear-probe and Tip-Adapter, SAM 2.1 hiera-t masks at 1024. pred_iou_thresh 0: random weights pass no
+    0.8 IoU bar, trained ones pass most, so every point's masks are computed (the realistic cost, not the empty one).
+    """
+    from samadapt.cli.main import main
+    from samadapt.data import read_dataset
+    from samadapt.encoders.masks import build_sam2_model
     from samadapt.tasks.fewshot.synthetic import write_toy_npz
 
-    data = write_toy_npz(root / "toy.npz", counts=(int(n * 0.6), int(n * 0.2), n - int(n * 0.6) - int(n * 0.2)),
-                         size=256)  # fmt: skip
-    dataset = read_dataset(str(data))
-    settings = MaskerSettings(points_per_side=points)
-    result: dict = {"task": "fewshot masks", "images": n, "points_per_side": points}
-    for impl in ("fast", "official"):
-        try:
-            masker = load_masker(
-                "sam2_hiera_t", None, settings=settings, image_size=image_size, implementation=impl
-            )
-        except TypeError:  # a masker without the fast implementation
-            masker = load_masker("sam2_hiera_t", None, settings=settings, image_size=image_size)
-        count = n if impl == "fast" else 1
-        start = time.perf_counter()
-        for i in range(count):
-            masker.generate(dataset.image(i))
-        result[f"{impl}_s_per_image"] = (time.perf_counter() - start) / count
-    result["fast_total_s"] = result["fast_s_per_image"] * n
-    result["official_total_s_modelled"] = result["official_s_per_image"] * n
-    return result
+    counts = (int(n * 0.6), int(n * 0.2), n - int(n * 0.6) - int(n * 0.2))
+    data = write_toy_npz(root / "toy.npz", counts=counts, size=256)
+    torch.manual_seed(0)  # random weights of the real architecture, in the official file format
+    model, _, _ = build_sam2_model("sam2_hiera_t", version="2.1")
+    masker_checkpoint = root / "sam2.1_hiera_t_random.pt"
+    torch.save({"model": model.state_dict()}, masker_checkpoint)
+    del model
+    start = time.perf_counter()
+    code = main(["sweep", "--task", "fewshot", "--data", str(data), "--methods", "medfocus,linear-probe,tip-adapter", "--budgets", "0.5,1.0",
+                 "--seeds", "0", "--epochs", str(epochs), "--points-per-side", str(points), "--pred-iou-thresh", "0",
+                 "--masker-image-size", str(image_size), "--masker-checkpoint", str(masker_checkpoint), "--out", str(root / "sweep"), "--no-progress"])  # fmt: skip
+    total = time.perf_counter() - start
+    if code != 0:
+        raise SystemExit(f"the few-shot sweep failed with exit code {code}")
+    stages = _stages(root / "sweep")
+    runs = len(list((root / "sweep" / "runs").glob("*/metrics.json")))
+    masked = sum(counts)  # medfocus's overlays: every image of every split, once (the mask cache)
+    image = read_dataset(str(data)).image(0)
+    per_image = {impl: mask_seconds(image, checkpoint=masker_checkpoint, points=points, image_size=image_size,
+                                    pred_iou_thresh=0.0, implementation=impl) for impl in ("fast", "official")}  # fmt: skip
+    return {"task": "fewshot", "images": n, "runs": runs, "epochs": epochs, "points_per_side": points,
+            "total_s": round(total, 2), "stage_seconds": stages, "masked_images": masked,
+            "fast_masks_s_per_image": round(per_image["fast"], 2),
+            "official_masks_s_per_image": round(per_image["official"], 2),
+            "masks_s_in_fit_estimated": round(per_image["fast"] * masked, 1),
+            "official_masks_s_modelled": round(per_image["official"] * masked, 1)}  # fmt: skip
 
 
 def main() -> None:
@@ -161,9 +195,9 @@ def main() -> None:
     warnings.simplefilter("ignore")
     size = args.size or ("quick" if args.quick else "full")
     sizes = {
-        "quick": {"classify": (24, 2, 1), "segment": (2, 2, 0), "fewshot": (2, 16)},
-        "medium": {"classify": (60, 10, 1), "segment": (3, 10, 1), "fewshot": (3, 32)},
-        "full": {"classify": (500, 30, 2), "segment": (10, 120, 2), "fewshot": (200, 32)},
+        "quick": {"classify": (24, 2, 1), "segment": (3, 2, 0), "fewshot": (5, 8, 1)},
+        "medium": {"classify": (60, 10, 1), "segment": (4, 5, 1), "fewshot": (10, 32, 1)},
+        "full": {"classify": (500, 30, 2), "segment": (10, 120, 2), "fewshot": (200, 32, 5)},
     }[size]
     from samadapt.encoders.precision import cpu_model
 
@@ -185,8 +219,10 @@ def main() -> None:
             )
             print(json.dumps(results["tasks"][-1], indent=1), flush=True)
         if "fewshot" in args.tasks:
-            n, points = sizes["fewshot"]
-            results["tasks"].append(run_fewshot(root / "f", n=n, points=points, image_size=1024))
+            n, points, epochs = sizes["fewshot"]
+            results["tasks"].append(
+                run_fewshot(root / "f", n=n, points=points, epochs=epochs, image_size=1024)
+            )
             print(json.dumps(results["tasks"][-1], indent=1), flush=True)
     results["load_end"] = os.getloadavg()[0]
     args.out.parent.mkdir(parents=True, exist_ok=True)

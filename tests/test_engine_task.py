@@ -95,6 +95,10 @@ def test_a_new_task_trains_and_predicts_through_the_engine(toy_task, tmp_path) -
         assert (run / name).is_file(), name
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["test"]["accuracy"] > 0.9 and metrics["method"] == "centroid" and metrics["budget"] == 1.0
+    # the wall time of each stage, for the workflow benchmark and for users who ask where the time went
+    stages = metrics["stage_seconds"]
+    assert set(stages) == {"prepare", "fit", "evaluate"} and all(v >= 0 for v in stages.values())
+    assert sum(stages.values()) <= metrics["seconds"] + 0.01  # both rounded
     assert not (tmp_path / ".run.partial").exists(), "the temporary folder is renamed into place"
     points = tmp_path / "points.csv"
     points.write_text("0,0\n4,4\n")

@@ -24,8 +24,8 @@ on the low-resolution logits through sam2's CUDA connected-components extension 
 `sam2._C` the official code warns and skips it). Here the same rule runs on the CPU with scipy's 8-connected
 labelling, so the setting takes effect everywhere.
 
-Precision: "fp32" is the exact mode; "bf16" runs the decoder under CPU/CUDA autocast (fast only where bf16 is
-native: AMX / AVX512-BF16 CPUs, recent GPUs; emulated and slower elsewhere); `resolve_precision("auto")` picks.
+Precision: "fp32" is the exact mode and the default; "bf16" runs the decoder under CPU/CUDA autocast (faster only
+with AMX or on recent GPUs; slower on AVX512-BF16 without AMX and on AVX2); `resolve_precision("auto")` picks.
 Crop layers (`crop_n_layers > 0`) and the m2m refinement are not implemented here: use the official generator.
 """
 
@@ -35,7 +35,7 @@ import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,8 @@ STABILITY_MARGIN = 0.1
 # many mid-sized ops, which two single-threaded workers overlap better than one two-threaded stream
 # (2-core EPYC, ms per prompt: 2 x 1 threads 9.8 at chunk 4, 13.2 at 8; 1 x 2 threads 13.0 at 8, 19 at 16).
 DECODE_CHUNK = 4
+# Prompts per pass of the upscaling convolutions (see `_masks`).
+MASK_CHUNK = 2
 # Masks upsampled to the full image at once (memory: chunk * H * W floats).
 UPSAMPLE_CHUNK = 32
 
@@ -67,7 +69,9 @@ def decode_workers(device: torch.device, chunks: int) -> int:
 
 
 def native_bf16(device: torch.device | str = "cpu") -> bool:
-    """Whether bf16 matrix math is native on `device` (CUDA with bf16, or a CPU with AMX / AVX512-BF16)."""
+    """Whether the decoder runs faster in bf16 on `device`: CUDA with bf16, or a CPU with AMX. AVX512-BF16
+    alone is not enough: the decoder is many mid-sized ops whose autocast casts cost more than the bf16
+    products save (2-core Xeon with AVX512-BF16, no AMX: 21.3 s bf16 vs 13.1 s fp32 at the official settings)."""
     device = torch.device(device)
     if device.type == "cuda":
         return bool(torch.cuda.is_bf16_supported())
@@ -75,7 +79,7 @@ def native_bf16(device: torch.device | str = "cpu") -> bool:
         flags = Path("/proc/cpuinfo").read_text().split()
     except OSError:
         return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+    return "amx_bf16" in flags
 
 
 def resolve_precision(precision: str, device: torch.device | str = "cpu") -> str:
@@ -129,12 +133,14 @@ class _Candidates:
 
     logits: torch.Tensor
     iou: torch.Tensor
+    counts: dict[str, int] = field(default_factory=dict)  # filter stages already applied: candidates left
 
     @classmethod
     def cat(cls, parts: list[_Candidates], *, side: int) -> _Candidates:
+        counts = {k: sum(p.counts[k] for p in parts) for k in (parts[0].counts if parts else {})}
         if not parts:
             return cls(torch.zeros(0, side, side), torch.zeros(0))
-        return cls(torch.cat([p.logits for p in parts]), torch.cat([p.iou for p in parts]))
+        return cls(torch.cat([p.logits for p in parts]), torch.cat([p.iou for p in parts]), counts)
 
 
 class FastMaskGenerator:
@@ -233,7 +239,8 @@ class FastMaskGenerator:
                 keep = torch.arange(tokens.shape[0], device=tokens.device)
             if keep.numel() == 0:
                 side = 4 * self.predictor._bb_feat_sizes[-1][0]
-                return _Candidates(torch.zeros(0, side, side), torch.zeros(0)), 0
+                empty = _Candidates(torch.zeros(0, side, side), torch.zeros(0))
+                return self._prefilter(empty), 0
             masks, iou = self._masks(thin, state, keep)
         if self.multimask_output:
             masks, iou = masks[:, 1:], iou[:, 1:]
@@ -241,7 +248,25 @@ class FastMaskGenerator:
             masks, iou = dec._dynamic_multimask_via_stability(masks, iou)
         else:
             masks, iou = masks[:, 0:1], iou[:, 0:1]
-        return _Candidates(masks.flatten(0, 1), iou.flatten(0, 1)), len(keep)
+        return self._prefilter(_Candidates(masks.flatten(0, 1), iou.flatten(0, 1))), len(keep)
+
+    def _prefilter(self, cand: _Candidates) -> _Candidates:
+        """The IoU filter and the low-resolution stability prefilter on one chunk's candidates, in the worker
+        while its logits are in cache (and so never stored for the whole image). Not with
+        `min_mask_region_area`: the official code fills small regions before the stability score."""
+        if self.min_mask_region_area > 0:
+            return cand
+        logits, iou = cand.logits, cand.iou
+        if self.pred_iou_thresh > 0.0:
+            keep = iou > self.pred_iou_thresh
+            logits, iou = logits[keep], iou[keep]
+        counts = {"after_iou": len(iou)}
+        if self.stability_score_thresh > 0.0:
+            low = stability_score(logits, threshold=self.mask_threshold, offset=self.stability_score_offset)
+            pre = low >= self.stability_score_thresh - STABILITY_MARGIN
+            logits, iou = logits[pre], iou[pre]
+            counts["after_stability_prefilter"] = len(iou)
+        return _Candidates(logits, iou, counts)
 
     def _masks(self, thin: ThinDecoder, state: Any, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Low-resolution logits [b, 4, 4h, 4w] and IoU [b, 4] of the prompts `keep`: the official
@@ -258,16 +283,27 @@ class FastMaskGenerator:
         w1 = dc1.weight.permute(2, 3, 1, 0).reshape(-1, dc1.weight.shape[0])  # [(i, j, c1), in]
         w2 = dc2.weight.permute(2, 3, 1, 0).reshape(-1, dc2.weight.shape[0])  # [(k, l, c2), c1]
         add1, add2 = self._subpixel_features(thin, h=h, w=w)
-        # the final attention for the IoU token and the mask tokens only: hs[:, 0] IoU, hs[:, 1:] masks
-        hs, up = thin.outputs(state, keep, weight=w1, bias=add1, tokens=slice(s, s + 1 + dec.num_mask_tokens))
-        b = len(keep)
-        up = act1(F.layer_norm(up.view(b, h * w * 4, c1), (c1,), ln1.weight, ln1.bias, ln1.eps))
-        up = act2((up @ w2.T).view(b, h * w, 4, 4 * c2).add_(add2))  # [b, (y, x), (i, j), (k, l, c2)]
-        hyper = torch.stack([mlp(hs[:, 1 + i, :]) for i, mlp in enumerate(dec.output_hypernetworks_mlps)], 1)
-        # [b, masks, (y, x, i, j, k, l)]: left in sub-pixel order, shaped [b, masks, 4h, 4w]; the stability
-        # score does not depend on pixel order, so only the candidates that get past it are reordered
-        masks = (hyper @ up.view(b, -1, c2).transpose(1, 2)).view(b, -1, 4 * h, 4 * w)
-        return masks.float(), dec.iou_prediction_head(hs[:, 0, :]).float()
+        hyper_mlps = dec.output_hypernetworks_mlps
+        masks, ious = [], []
+        # a few prompts at a time: their [b, 16384, 128] intermediates stay below glibc's mmap threshold (32 MiB),
+        # so they reuse freed heap memory instead of faulting in fresh pages on every call
+        for start in range(0, len(keep), MASK_CHUNK):
+            idx = keep[start : start + MASK_CHUNK]
+            b = len(idx)
+            # the final attention for the IoU token and the mask tokens only: hs[:, 0] IoU, hs[:, 1:] masks
+            hs, up = thin.outputs(
+                state, idx, weight=w1, bias=add1, tokens=slice(s, s + 1 + dec.num_mask_tokens)
+            )
+            up = _gelu_(act1, F.layer_norm(up.view(b, h * w * 4, c1), (c1,), ln1.weight, ln1.bias, ln1.eps))
+            # + add2 inside the matrix product (one pass less over the largest intermediate)
+            bias = add2.view(1, h * w * 4, 4 * c2).expand(b, -1, -1)
+            up = _gelu_(act2, torch.baddbmm(bias, up, w2.T.expand(b, -1, -1))).view(b, -1, c2)
+            hyper = torch.stack([mlp(hs[:, 1 + i, :]) for i, mlp in enumerate(hyper_mlps)], 1)  # [b, m, c2]
+            # [b, masks, (y, x, i, j, k, l)]: left in sub-pixel order, shaped [b, masks, 4h, 4w]; the stability
+            # score does not depend on pixel order, so only the candidates that get past it are reordered
+            masks.append(torch.einsum("bpc,bmc->bmp", up, hyper).reshape(b, -1, 4 * h, 4 * w))
+            ious.append(dec.iou_prediction_head(hs[:, 0, :]))
+        return torch.cat(masks).float(), torch.cat(ious).float()
 
     def _subpixel_features(self, thin: ThinDecoder, *, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
         """What the two transposed convolutions' outputs get added before their activations, in sub-pixel order,
@@ -286,10 +322,9 @@ class FastMaskGenerator:
                 f0 = feat_s0[0].permute(1, 2, 0).reshape(h, 2, 2, w, 2, 2, c2).permute(0, 3, 1, 4, 2, 5, 6)
                 add1 = add1 + f1.reshape(h * w, 4 * c1)
                 add2 = add2 + f0.reshape(h * w, 4, 4 * c2)
-            return torch.cat([add1.reshape(h * w, -1), add2.reshape(h * w, -1)], dim=1).contiguous()
+            return add1.reshape(h * w, 4 * c1).contiguous(), add2.reshape(h * w, 4, 4 * c2).contiguous()
 
-        both = thin.memo.get("subpixel", feats["image_embed"], compute=compute)
-        return both[:, : 4 * c1], both[:, 4 * c1 :].reshape(h * w, 4, 4 * c2)
+        return thin.memo.get("subpixel", feats["image_embed"], compute=compute)
 
     def _decode_all(self, thin: ThinDecoder, tokens: torch.Tensor) -> list[tuple[_Candidates, int]]:
         """Every chunk of prompts, in order; on the CPU on `decode_workers()` threads."""
@@ -343,20 +378,23 @@ class FastMaskGenerator:
         finally:
             self.predictor.reset_predictor()
         logits, iou = cand.logits, cand.iou
-        if self.pred_iou_thresh > 0.0:
-            keep = iou > self.pred_iou_thresh
-            logits, iou = logits[keep], iou[keep]
-        counts["after_iou"] = len(iou)
         subpixel = True  # the decoder's pixel order (see `_masks`) until something needs the image order
-        if self.min_mask_region_area > 0 and len(iou):
-            logits, subpixel = _spatial(logits), False
-            logits = fill_small_regions(logits, area=self.min_mask_region_area, threshold=self.mask_threshold)
         thr, offset = self.mask_threshold, self.stability_score_offset
-        if self.stability_score_thresh > 0.0:
-            low = stability_score(logits, threshold=thr, offset=offset)
-            pre = low >= self.stability_score_thresh - STABILITY_MARGIN
-            logits, iou = logits[pre], iou[pre]
-            counts["after_stability_prefilter"] = len(iou)
+        if cand.counts:  # filtered chunk by chunk in the workers (`_prefilter`)
+            counts.update(cand.counts)
+        else:
+            if self.pred_iou_thresh > 0.0:
+                keep = iou > self.pred_iou_thresh
+                logits, iou = logits[keep], iou[keep]
+            counts["after_iou"] = len(iou)
+            if self.min_mask_region_area > 0 and len(iou):
+                logits, subpixel = _spatial(logits), False
+                logits = fill_small_regions(logits, area=self.min_mask_region_area, threshold=thr)
+            if self.stability_score_thresh > 0.0:
+                low = stability_score(logits, threshold=thr, offset=offset)
+                pre = low >= self.stability_score_thresh - STABILITY_MARGIN
+                logits, iou = logits[pre], iou[pre]
+                counts["after_stability_prefilter"] = len(iou)
         # the official full-image stability score and box, chunk by chunk, for the candidates left
         stab, boxes = [], []
         for start in range(0, len(iou), UPSAMPLE_CHUNK):
@@ -380,6 +418,14 @@ class FastMaskGenerator:
             full = self._upsample(logits[start : start + UPSAMPLE_CHUNK], size, subpixel=subpixel)
             masks[start : start + len(full)] = (full > thr).cpu().numpy()
         return masks, iou.float().cpu().numpy()
+
+
+def _gelu_(act: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`act(x)` in place where `act` is a GELU (the decoder's activations; no new buffer for the largest
+    intermediates), else `act(x)`."""
+    if isinstance(act, torch.nn.GELU):
+        return torch.ops.aten.gelu_(x, approximate=act.approximate)
+    return act(x)
 
 
 def _spatial(logits: torch.Tensor) -> torch.Tensor:
