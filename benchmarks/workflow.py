@@ -176,7 +176,7 @@ def run_fewshot(root: Path, *, n: int, points: int, epochs: int, image_size: int
             "total_s": round(total, 2), "stage_seconds": stages, "masked_images": masked,
             "fast_masks_s_per_image": round(per_image["fast"], 2),
             "official_masks_s_per_image": round(per_image["official"], 2),
-            "masks_s_in_fit_estimated": round(per_image["fast"] * masked, 1),
+            "masks_s_estimated": round(per_image["fast"] * masked, 1),
             "official_masks_s_modelled": round(per_image["official"] * masked, 1)}  # fmt: skip
 
 
