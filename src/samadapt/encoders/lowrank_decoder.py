@@ -331,9 +331,8 @@ class _Lin:
         if isinstance(a, _Thin) and isinstance(b, _Thin):
             gram = a.z() @ b.z().transpose(1, 2)  # [B, Ra, Rb]
             return ((a.p @ gram) * b.p).sum(-1)
-        if isinstance(a, _Thin):  # and a _Vec (`_row_sums` batches these over all vectors instead)
-            v = b.v if b.v.dim() == 2 else b.v.expand(a.p.shape[0], -1)
-            return (a.p @ (a.z() @ v[..., None]))[..., 0]
+        if isinstance(a, _Thin):
+            raise AssertionError("thin x vector inner products are batched in `_row_sums`")
         return (a.v * b.v).sum(-1).reshape(-1, 1)
 
     def materialize(self, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
@@ -478,19 +477,3 @@ class ThinState:
     queries: Tensor
     query_pe: Tensor
     keys: _Lin
-
-
-def point_iou(
-    decoder: nn.Module,
-    *,
-    image_embed: Tensor,
-    dense: Tensor,
-    image_pe: Tensor,
-    tokens: Tensor,
-    batch_size: int = 8,
-) -> Tensor:
-    """Predicted IoU [B, num_mask_tokens] of the official `MaskDecoder` for prompts whose dense embedding is the
-    same for all (no mask input): `image_embed` [1, C, h, w], `dense` [1 or B, C, h, w] (only [0] is read),
-    `image_pe` [1, C, h, w], `tokens` [B, T, C] (output tokens then the sparse prompt embeddings)."""
-    thin = ThinDecoder(decoder, image_embed=image_embed, dense=dense, image_pe=image_pe)
-    return torch.cat([thin.iou(thin(chunk)) for chunk in tokens.split(batch_size)])
