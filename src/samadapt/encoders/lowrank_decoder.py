@@ -62,7 +62,7 @@ class _Shared:
 
 @dataclass
 class _Thin:
-    p: Tensor  # [B, N, R], R = heads x tokens
+    pt: Tensor  # P transposed [B, R, N], R = heads x tokens: rows of N, so products and sums over R run along N
     coef: Tensor  # [B, H, T, d]
     basis: Tensor  # [H, d, D], shared
     _z: Tensor | None = field(default=None, repr=False)
@@ -75,7 +75,7 @@ class _Thin:
         return self._z
 
     def select(self, idx: Tensor) -> _Thin:
-        return _Thin(self.p[idx], self.coef[idx], self.basis)
+        return _Thin(self.pt[idx], self.coef[idx], self.basis)
 
 
 @dataclass(frozen=True)
@@ -143,13 +143,14 @@ class _Lin:
     def project(self, linear: nn.Linear, pe: Tensor | None = None) -> _Lin:
         """`linear(X + pe)` (or `linear(X)`) in the same representation."""
         w, memo = linear.weight, self.memo
+        self._left()  # before mapping: every projection of these keys then shares the one row-factor matrix
         terms: list[_Term] = []
         for scale, basis in self.terms:
             if isinstance(basis, _Shared):
                 basis = _Shared(memo.get("proj", basis.m, w, compute=lambda m, w: m @ w.T))
             elif isinstance(basis, _Thin):
                 basis = _Thin(
-                    basis.p, basis.coef, memo.get("proj", basis.basis, w, compute=lambda b, w: b @ w.T)
+                    basis.pt, basis.coef, memo.get("proj", basis.basis, w, compute=lambda b, w: b @ w.T)
                 )
             else:
                 basis = _Vec(basis.v @ w.T)
@@ -178,7 +179,7 @@ class _Lin:
             if isinstance(basis, _Shared):
                 basis = _Shared(memo.get("scale", basis.m, g, compute=torch.mul))
             elif isinstance(basis, _Thin):
-                basis = _Thin(basis.p, basis.coef, memo.get("scale", basis.basis, g, compute=torch.mul))
+                basis = _Thin(basis.pt, basis.coef, memo.get("scale", basis.basis, g, compute=torch.mul))
             else:
                 basis = _Vec(basis.v * g)
             terms.append((inv if scale is None else inv * scale, basis))
@@ -187,9 +188,11 @@ class _Lin:
 
     # -- reductions ---------------------------------------------------------------------------------------------
 
-    # Thin terms and scaled vector terms share one "row factor" matrix per keys state ([B, N, K]: the scaled P
-    # blocks, then the scales of the vectors): a projection only maps their column factors, so one batched
-    # matrix product per attention covers all of them.
+    # Thin terms and scaled vector terms share one "row factor" matrix per keys state, kept transposed ([B, K, N]:
+    # the scaled P blocks, then the scales of the vectors, each a run of N): a projection only maps their column
+    # factors, so one batched matrix product per attention covers all of them. Everything per pixel is laid out
+    # with the pixels last ([B, H, T, N] scores, [B, R, N] P): the CPU then works along runs of 4096 instead of
+    # rows of a few tokens (cats, scales, softmax and the per-head products all several times faster).
 
     def _row_terms(self) -> list[_Term]:
         return [
@@ -197,14 +200,15 @@ class _Lin:
         ]
 
     def _left(self) -> Tensor | None:
+        """Row factors, transposed [B, K, N]."""
         if self._factors is None:
-            cols = []
+            rows = []
             for scale, basis in self._row_terms():
                 if isinstance(basis, _Thin):
-                    cols.append(basis.p if scale is None else basis.p * scale[..., None])
+                    rows.append(basis.pt if scale is None else basis.pt * scale[:, None, :])
                 else:
-                    cols.append(scale[..., None])
-            self._factors = torch.cat(cols, dim=2) if cols else None
+                    rows.append(scale[:, None, :])
+            self._factors = torch.cat(rows, dim=1) if rows else None
         return self._factors
 
     def _right(self) -> Tensor:
@@ -224,47 +228,51 @@ class _Lin:
         vecs = [b.v for s, b in self.terms if s is None and isinstance(b, _Vec)]
         return vecs[0] if vecs else None
 
+    def _heads_t(self, m: Tensor, h: int) -> Tensor:
+        """A shared [N, (H, d)] matrix as [H, d, N], once per image."""
+        return self.memo.get(
+            "heads_t", m, compute=lambda m: m.view(self.n, h, -1).permute(1, 2, 0).contiguous()
+        )
+
     def scores(self, q: Tensor) -> Tensor:
-        """sum_d X[b, n, (h, d)] q[b, h, t, d] -> [B, N, H, T] for per-prompt vectors q [B, H, T, d]."""
+        """sum_d X[b, n, (h, d)] q[b, h, t, d] -> [B, H, T, N] for per-prompt vectors q [B, H, T, d]."""
         b, h, t, d = q.shape
         out = None
         left = self._left()
         if left is not None:
-            rq = torch.einsum("bkhd,bhtd->bkht", self._right().view(b, -1, h, d), q).reshape(b, -1, h * t)
-            out = (left @ rq).view(b, self.n, h, t)
-        qh = q.permute(1, 3, 0, 2).reshape(h, d, b * t)  # [H, d, B*T]
+            rq = torch.einsum("bkhd,bhtd->bhtk", self._right().view(b, -1, h, d), q).reshape(b, h * t, -1)
+            out = (rq @ left).view(b, h, t, self.n)
+        qh = q.transpose(0, 1).reshape(h, b * t, d)  # [H, B*T, d]
         for scale, basis in self._shared_terms():
-            # [H, N, B*T] read through a permuted view: no copy of the [B, N, H, T] block
-            x = (
-                torch.bmm(basis.m.view(self.n, h, d).transpose(0, 1), qh)
-                .view(h, self.n, b, t)
-                .permute(2, 1, 0, 3)
-            )
+            # per head [B*T, d] @ [d, N]; read back as [B, H, T, N] through a view whose rows are runs of N
+            x = torch.bmm(qh, self._heads_t(basis.m, h)).view(h, b, t, self.n).transpose(0, 1)
             if out is None:
-                out = x * scale[:, :, None, None] if scale is not None else x.contiguous()
+                out = x * scale[:, None, None, :] if scale is not None else x.contiguous()
             elif scale is None:
                 out = out.add_(x)
             else:
-                out = out.addcmul_(x, scale[:, :, None, None])
+                out = out.addcmul_(x, scale[:, None, None, :])
         const = self._constant()
         if const is not None:
-            out = out.add_((const.reshape(*const.shape[:-1], h, 1, d) * q).sum(-1)[:, None])
+            out = out.add_((const.reshape(*const.shape[:-1], h, 1, d) * q).sum(-1)[..., None])
         return out
 
     def weighted(self, pr: Tensor) -> Tensor:
-        """sum_n pr[b, n, h, t] X[b, n, (h, d)] -> [B, H, T, d] for attention weights pr [B, N, H, T] whose sum
+        """sum_n pr[b, h, t, n] X[b, n, (h, d)] -> [B, H, T, d] for attention weights pr [B, H, T, N] whose sum
         over n is 1."""
-        b, n, h, t = pr.shape
+        b, h, t, n = pr.shape
         out = None
         left = self._left()
+        rows = pr.reshape(b, h * t, n)
         if left is not None:
-            g = (pr.reshape(b, n, h * t).transpose(1, 2) @ left).view(b, h, t, -1)  # [B, H, T, K]
+            g = (rows @ left.transpose(1, 2)).view(b, h, t, -1)  # [B, H, T, K]
             right = self._right()
             out = torch.einsum("bhtk,bkhd->bhtd", g, right.view(b, right.shape[1], h, -1))
         for scale, basis in self._shared_terms():
-            w = pr if scale is None else pr * scale[:, :, None, None]
-            # all head pairs in one product, then the diagonal head blocks: cheaper than permuting w per head
-            full = w.reshape(b, n, h * t).transpose(1, 2) @ basis.m  # [B, H*T, H*d]
+            w = rows if scale is None else (pr * scale[:, None, None, :]).view(b, h * t, n)
+            # all head pairs in one product, then the diagonal head blocks: one wide product is faster here than
+            # eight products with 16 columns each
+            full = w @ basis.m  # [B, H*T, H*d]
             o = full.view(b, h, t, h, -1).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)  # [B, H, T, d]
             out = o if out is None else out + o
         const = self._constant()
@@ -274,27 +282,61 @@ class _Lin:
         return out
 
     def _row_sums(self) -> tuple[Tensor, Tensor]:
-        """Row sums and row sums of squares [B, N], from pairwise inner products of the terms (the products of a
-        thin term with all vector terms in one batched product)."""
-        total = None
-        for scale, basis in self.terms:
-            x = _rows(self._sum(basis))
-            x = x if scale is None else x * scale
-            total = x if total is None else total + x
-        square = torch.zeros_like(total.expand(self.batch, self.n))
-        vecs = [(s, b) for s, b in self.terms if isinstance(b, _Vec)]
+        """Row sums and row sums of squares [B, N], from pairwise inner products of the terms. Every product with
+        a thin term's P (its Gram blocks with the later thin terms, its rows against all vector terms, its row
+        sums) is one matrix product: a few products with narrow sides are several times slower on the CPU than
+        one wide one."""
+        shape = (self.batch, self.n)
+        terms = self.terms
+        vecs = [(s, b) for s, b in terms if isinstance(b, _Vec)]
+        thins = [i for i, (_, b) in enumerate(terms) if isinstance(b, _Thin)]
+        total = torch.zeros(shape, dtype=_dtype(terms), device=_device(terms))
+        square = torch.zeros_like(total)
         if vecs:
-            stacked = torch.stack([b.v.expand(self.batch, -1) for _, b in vecs], dim=2)  # [B, D, J]
+            stacked = torch.stack([b.v.expand(self.batch, -1) for _, b in vecs], dim=1)  # [B, J, D]
             scales = torch.stack(
-                [torch.ones_like(square) if s is None else s.expand_as(square) for s, _ in vecs], 2
+                [total.new_ones(shape) if s is None else s.expand(shape) for s, _ in vecs], 1
             )
-        for i, (si, bi) in enumerate(self.terms):
-            if isinstance(bi, _Thin) and vecs:
-                x = 2.0 * ((bi.p @ (bi.z() @ stacked)) * scales).sum(-1)  # [B, N]
+        for i in thins:
+            si, bi = terms[i]
+            later = [j for j in thins if j >= i]
+            zt = bi.z().transpose(1, 2)  # [B, D, Ri]
+            blocks = [terms[j][1].z() @ zt for j in later]  # Gram blocks [B, Rj, Ri]
+            if vecs:
+                blocks.append(stacked @ zt)
+            blocks.append(zt.sum(1, keepdim=True))
+            out = torch.cat(blocks, dim=1) @ bi.pt  # [B, sum Rj (+ J) + 1, N]
+            x = out[:, -1]  # row sums of the thin term
+            total += x if si is None else x * si
+            at, sq = 0, torch.zeros_like(total)
+            for j in later:
+                sj, bj = terms[j]
+                width = bj.pt.shape[1]
+                x = (out[:, at : at + width] * bj.pt).sum(1)
+                x = x if sj is None else x * sj
+                sq += x if j == i else 2.0 * x
+                at += width
+            if vecs:
+                sq += 2.0 * (out[:, at : at + len(vecs)] * scales).sum(1)
+            square += sq if si is None else sq * si
+        for i, (si, bi) in enumerate(terms):
+            if isinstance(bi, _Thin):
+                continue
+            x = _rows(self._sum(bi))
+            total += x if si is None else x * si
+            if isinstance(bi, _Shared) and vecs:  # against all vector terms of all prompts in one product
+                x = (bi.m @ stacked.reshape(-1, stacked.shape[2]).T).view(self.n, self.batch, len(vecs))
+                x = 2.0 * (x.permute(1, 2, 0) * scales).sum(1)
                 square += x if si is None else x * si
-            for j in range(i, len(self.terms)):
-                sj, bj = self.terms[j]
-                if {type(bi), type(bj)} == {_Thin, _Vec}:
+            for j, (sj, bj) in enumerate(terms):
+                if j < i and not isinstance(bj, _Thin) or isinstance(bj, _Thin) and isinstance(bi, _Vec):
+                    continue  # the other order, or above
+                if (
+                    isinstance(bi, _Shared)
+                    and isinstance(bj, _Vec)
+                    or isinstance(bi, _Vec)
+                    and isinstance(bj, _Shared)
+                ):
                     continue  # above
                 x = _rows(self._inner(bi, bj))
                 if si is not None:
@@ -302,13 +344,11 @@ class _Lin:
                 if sj is not None:
                     x = x * sj
                 square += x if i == j else 2.0 * x
-        return total.expand_as(square).contiguous(), square
+        return total, square
 
     def _sum(self, basis: _Basis) -> Tensor:
         if isinstance(basis, _Shared):
             return self.memo.get("sum", basis.m, compute=lambda m: m.sum(1)[None])  # [1, N]
-        if isinstance(basis, _Thin):
-            return basis.p @ basis.z().sum(-1)[..., None]  # [B, N, 1]
         return basis.v.sum(-1).reshape(-1, 1)  # [1 or B, 1]
 
     def _inner(self, a: _Basis, b: _Basis) -> Tensor:
@@ -320,19 +360,21 @@ class _Lin:
         if isinstance(a, _Shared) and isinstance(b, _Shared):
             return memo.get("inner", a.m, b.m, compute=lambda x, y: (x * y).sum(1)[None])
         if isinstance(a, _Shared) and isinstance(b, _Thin):
-            hh, d, _ = b.basis.shape
-            sb = memo.get(
-                "sb", a.m, b.basis, compute=lambda m, bb: (m @ bb.reshape(hh * d, -1).T).view(-1, hh, d)
-            )
-            c = torch.einsum("nhd,bhtd->bnht", sb, b.coef).reshape(b.p.shape)
-            return (c * b.p).sum(-1)
+            batch, hh, t, d = b.coef.shape
+            # the shared rows through each head's basis, [H, d, N], once per image
+            sbt = memo.get(
+                "sb", a.m, b.basis,
+                compute=lambda m, bb: (bb.reshape(hh * d, -1) @ m.T).view(hh, d, -1).contiguous(),
+            )  # fmt: skip
+            c = torch.bmm(b.coef.transpose(0, 1).reshape(hh, batch * t, d), sbt).view(hh, batch, t, -1)
+            # the product in P's layout, then a sum over its rows (a sum over outer axes of c's layout is slow)
+            return (b.pt.view(batch, hh, t, -1) * c.transpose(0, 1)).view(b.pt.shape).sum(1)
         if isinstance(a, _Shared):  # and a _Vec (per chunk: not memoised)
             return (a.m @ b.v.T).T if b.v.dim() == 2 else (a.m @ b.v)[None]
-        if isinstance(a, _Thin) and isinstance(b, _Thin):
-            gram = a.z() @ b.z().transpose(1, 2)  # [B, Ra, Rb]
-            return ((a.p @ gram) * b.p).sum(-1)
         if isinstance(a, _Thin):
-            raise AssertionError("thin x vector inner products are batched in `_row_sums`")
+            raise AssertionError(
+                "products of thin terms with thin or vector terms are batched in `_row_sums`"
+            )
         return (a.v * b.v).sum(-1).reshape(-1, 1)
 
     def materialize(self, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
@@ -344,7 +386,7 @@ class _Lin:
         out = None
         if left is not None:
             right = self._right()
-            out = left @ (right if weight is None else right @ weight.T)
+            out = left.transpose(1, 2) @ (right if weight is None else right @ weight.T)
         for scale, basis in self._shared_terms():
             m = (
                 basis.m
@@ -370,12 +412,23 @@ class _Lin:
         return out
 
 
-def _softmax_last_(scores: Tensor) -> Tensor:
-    """`torch.softmax(scores, dim=-1)`, in place. Over a last dimension of a few tokens torch's kernel runs one
-    short row at a time (~5x slower on the 2-core CPUs for [B, 4096, 8, 8]); these element-wise passes vectorise
-    over the whole tensor."""
-    scores = scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
-    return scores.div_(scores.sum(dim=-1, keepdim=True))
+def _tensor(basis: _Basis) -> Tensor:
+    return basis.m if isinstance(basis, _Shared) else basis.pt if isinstance(basis, _Thin) else basis.v
+
+
+def _dtype(terms: list[_Term]) -> torch.dtype:
+    return _tensor(terms[0][1]).dtype
+
+
+def _device(terms: list[_Term]) -> torch.device:
+    return _tensor(terms[0][1]).device
+
+
+def _softmax_tokens_(scores: Tensor) -> Tensor:
+    """`torch.softmax(scores, dim=2)` for [B, H, T, N] scores, in place: element-wise passes over runs of N (torch's
+    kernel over a short softmax axis runs one short row at a time, several times slower on the 2-core CPUs)."""
+    scores = scores.sub_(scores.amax(dim=2, keepdim=True)).exp_()
+    return scores.div_(scores.sum(dim=2, keepdim=True))
 
 
 def _token_to_image(attn: nn.Module, queries: Tensor, keys: _Lin, pe: Tensor) -> Tensor:
@@ -387,12 +440,13 @@ def _token_to_image(attn: nn.Module, queries: Tensor, keys: _Lin, pe: Tensor) ->
     k, v = keys.project(attn.k_proj, pe), keys.project(attn.v_proj)
     if k.is_shared() and v.is_shared():  # the first layer: keys and values are the same for every prompt
         k_shared, v_shared = (x.materialize()[0].view(keys.n, h, -1).transpose(0, 1) for x in (k, v))
-        out = F.scaled_dot_product_attention(
-            q, k_shared.expand(b, -1, -1, -1), v_shared.expand(b, -1, -1, -1)
-        )
+        # softmax is per query: all prompts' tokens as the queries of one batch against the one set of keys
+        qs = q.transpose(0, 1).reshape(1, h, b * t, -1)
+        out = F.scaled_dot_product_attention(qs, k_shared[None], v_shared[None])
+        out = out.view(h, b, t, -1).transpose(0, 1)
     else:
-        scores = k.scores(q / math.sqrt(q.shape[-1]))  # [B, N, H, T]
-        out = v.weighted(torch.softmax(scores, dim=1))  # [B, H, T, d]
+        scores = k.scores(q / math.sqrt(q.shape[-1]))  # [B, H, T, N]
+        out = v.weighted(torch.softmax(scores, dim=-1))  # [B, H, T, d]
     return attn.out_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -402,11 +456,11 @@ def _image_to_token(attn: nn.Module, queries: Tensor, query_pe: Tensor, keys: _L
     h = attn.num_heads
     k = attn.k_proj(queries + query_pe).view(b, t, h, -1).transpose(1, 2)  # [B, H, T, d]
     v = attn.v_proj(queries).view(b, t, h, -1).transpose(1, 2)
-    scores = keys.project(attn.q_proj, pe).scores(k / math.sqrt(k.shape[-1]))  # [B, N, H, T]
-    p = _softmax_last_(scores).reshape(b, keys.n, h * t)
+    scores = keys.project(attn.q_proj, pe).scores(k / math.sqrt(k.shape[-1]))  # [B, H, T, N]
+    pt = _softmax_tokens_(scores).view(b, h * t, keys.n)  # over the tokens of each head
     w_out = attn.out_proj.weight
     basis = keys.memo.get("out", w_out, compute=lambda w: w.T.reshape(h, -1, w.shape[0]))
-    return keys.plus([(None, _Thin(p, v, basis)), (None, _Vec(attn.out_proj.bias))])
+    return keys.plus([(None, _Thin(pt, v, basis)), (None, _Vec(attn.out_proj.bias))])
 
 
 class ThinDecoder:
