@@ -269,11 +269,12 @@ class _Lin:
             right = self._right()
             out = torch.einsum("bhtk,bkhd->bhtd", g, right.view(b, right.shape[1], h, -1))
         for scale, basis in self._shared_terms():
-            w = rows if scale is None else (pr * scale[:, None, None, :]).view(b, h * t, n)
-            # all head pairs in one product, then the diagonal head blocks: one wide product is faster here than
-            # eight products with 16 columns each
-            full = w @ basis.m  # [B, H*T, H*d]
-            o = full.view(b, h, t, h, -1).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)  # [B, H, T, d]
+            w = pr if scale is None else pr * scale[:, None, None, :]
+            # per head [B*T, N] @ [N, d] (the heads' columns of the shared matrix, once per image)
+            heads = self.memo.get(
+                "heads", basis.m, compute=lambda m: m.view(n, h, -1).transpose(0, 1).contiguous()
+            )
+            o = torch.bmm(w.transpose(0, 1).reshape(h, b * t, n), heads).view(h, b, t, -1).transpose(0, 1)
             out = o if out is None else out + o
         const = self._constant()
         if const is not None:
