@@ -280,8 +280,9 @@ class FastMaskGenerator:
         dc1, ln1, act1, dc2, act2 = dec.output_upscaling
         h, w = feats["image_embed"].shape[2:]
         c1, c2 = dc1.weight.shape[1], dc2.weight.shape[1]
-        w1 = dc1.weight.permute(2, 3, 1, 0).reshape(-1, dc1.weight.shape[0])  # [(i, j, c1), in]
-        w2 = dc2.weight.permute(2, 3, 1, 0).reshape(-1, dc2.weight.shape[0])  # [(k, l, c2), c1]
+        # once per image: the thin keys' memo is keyed by tensor identity, so a fresh w1 per chunk would redo
+        # (and keep alive) the shared [N, C] @ w1.T product for every chunk
+        w1, w2 = thin.memo.get("subpixel_weights", dc1.weight, dc2.weight, compute=_subpixel_weights)
         add1, add2 = self._subpixel_features(thin, h=h, w=w)
         hyper_mlps = dec.output_hypernetworks_mlps
         masks, ious = [], []
@@ -418,6 +419,15 @@ class FastMaskGenerator:
             full = self._upsample(logits[start : start + UPSAMPLE_CHUNK], size, subpixel=subpixel)
             masks[start : start + len(full)] = (full > thr).cpu().numpy()
         return masks, iou.float().cpu().numpy()
+
+
+def _subpixel_weights(w1: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two transposed convolutions' weights [in, out, 2, 2] as per-pixel matrices: [(i, j, c1), in] and
+    [(k, l, c2), c1]."""
+    return (
+        w1.permute(2, 3, 1, 0).reshape(-1, w1.shape[0]).contiguous(),
+        w2.permute(2, 3, 1, 0).reshape(-1, w2.shape[0]).contiguous(),
+    )
 
 
 def _gelu_(act: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
