@@ -199,3 +199,28 @@ def test_threaded_chunks_give_the_single_stream_result(sam2_file, image, monkeyp
     assert threaded[0].shape[0] > 0
     np.testing.assert_array_equal(threaded[0], single[0])
     np.testing.assert_allclose(threaded[1], single[1], atol=1e-6)
+
+
+def test_shared_products_are_computed_once_per_image_not_per_chunk(sam2_file, image, monkeypatch):
+    """The thin keys' memo holds the per-image shared products; anything keyed on a per-chunk tensor would
+    grow it (and the memory held) with every chunk of prompts."""
+    import samadapt.encoders.fast_masks as fm
+
+    decoders = []
+
+    class Recording(fm.ThinDecoder):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            decoders.append(self)
+
+    monkeypatch.setattr(fm, "ThinDecoder", Recording)
+    monkeypatch.setattr(fm, "decode_workers", lambda device, chunks: 1)
+    sizes = {}
+    for side in (4, 8):  # 16 and 64 prompts: 4 and 16 chunks, every point through the upscaling
+        settings = MaskerSettings(points_per_side=side, pred_iou_thresh=0.0, stability_score_thresh=0.0,
+                                  box_nms_thresh=0.95)  # fmt: skip
+        _, fast = _pair(sam2_file, settings)
+        fast.fast.generate_arrays(image)
+        assert fast.fast.last_counts["points_upscaled"] == side * side
+        sizes[side] = len(decoders[-1].memo._store)
+    assert sizes[4] == sizes[8], sizes
