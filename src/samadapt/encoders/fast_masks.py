@@ -25,7 +25,7 @@ on the low-resolution logits through sam2's CUDA connected-components extension 
 labelling, so the setting takes effect everywhere.
 
 Precision: "fp32" is the exact mode and the default; "bf16" runs the decoder under CPU/CUDA autocast (faster only
-with AMX or on recent GPUs; slower on AVX512-BF16 without AMX and on AVX2); `resolve_precision("auto")` picks.
+on recent GPUs; slower on every CPU we measured, AMX included); `resolve_precision("auto")` picks.
 Crop layers (`crop_n_layers > 0`) and the m2m refinement are not implemented here: use the official generator.
 """
 
@@ -36,7 +36,6 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,6 +44,7 @@ import torch.nn.functional as F
 from torchvision.ops.boxes import batched_nms
 
 from samadapt.encoders.lowrank_decoder import ThinDecoder
+from samadapt.encoders.upsampled_stats import stability_score, stable_boxes, upsample
 from samadapt.errors import ConfigError
 
 PRECISIONS = ("fp32", "bf16")
@@ -59,6 +59,8 @@ DECODE_CHUNK = 4
 MASK_CHUNK = 2
 # Masks upsampled to the full image at once (memory: chunk * H * W floats).
 UPSAMPLE_CHUNK = 32
+# Candidates whose full-image stability and boxes are found at once (memory: a few low-resolution sizes each).
+STATS_CHUNK = 64
 
 
 def decode_workers(device: torch.device, chunks: int) -> int:
@@ -69,17 +71,14 @@ def decode_workers(device: torch.device, chunks: int) -> int:
 
 
 def native_bf16(device: torch.device | str = "cpu") -> bool:
-    """Whether the decoder runs faster in bf16 on `device`: CUDA with bf16, or a CPU with AMX. AVX512-BF16
-    alone is not enough: the decoder is many mid-sized ops whose autocast casts cost more than the bf16
-    products save (2-core Xeon with AVX512-BF16, no AMX: 21.3 s bf16 vs 13.1 s fp32 at the official settings)."""
+    """Whether the decoder runs faster in bf16 on `device`: CUDA with bf16 only. On the CPU the decoder is many
+    mid-sized ops whose autocast casts cost more than the bf16 products save, even with AMX (2-core Xeon with
+    AMX, calibrated weights at the official settings: decoding 19.6 s in bf16 vs 17.6 s in fp32, the upscaling
+    stage alone 16.4 vs 16.9 ms per prompt; AVX512-BF16 without AMX: 21.3 s vs 13.1 s in all)."""
     device = torch.device(device)
     if device.type == "cuda":
         return bool(torch.cuda.is_bf16_supported())
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "amx_bf16" in flags
+    return False
 
 
 def resolve_precision(precision: str, device: torch.device | str = "cpu") -> str:
@@ -96,13 +95,6 @@ def point_grid(n_per_side: int) -> np.ndarray:
     from sam2.utils.amg import build_point_grid
 
     return build_point_grid(n_per_side)
-
-
-def stability_score(logits: torch.Tensor, *, threshold: float, offset: float) -> torch.Tensor:
-    """The official stability score (IoU of the masks at threshold +- offset) of [K, H, W] logits."""
-    inter = (logits > threshold + offset).flatten(1).sum(1, dtype=torch.int64)
-    union = (logits > threshold - offset).flatten(1).sum(1, dtype=torch.int64)
-    return inter / union
 
 
 def fill_small_regions(logits: torch.Tensor, *, area: int, threshold: float) -> torch.Tensor:
@@ -349,8 +341,7 @@ class FastMaskGenerator:
 
     def _upsample(self, logits: torch.Tensor, size: tuple[int, int], *, subpixel: bool) -> torch.Tensor:
         """Low-resolution logits [K, h, w] -> [K, H, W] as `SAM2Transforms.postprocess_masks` does."""
-        logits = _spatial(logits) if subpixel else logits
-        return F.interpolate(logits[:, None].float(), size, mode="bilinear", align_corners=False)[:, 0]
+        return upsample(_spatial(logits) if subpixel else logits, size)
 
     @torch.inference_mode()
     def generate_arrays(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -396,18 +387,25 @@ class FastMaskGenerator:
                 pre = low >= self.stability_score_thresh - STABILITY_MARGIN
                 logits, iou = logits[pre], iou[pre]
                 counts["after_stability_prefilter"] = len(iou)
-        # the official full-image stability score and box, chunk by chunk, for the candidates left
-        stab, boxes = [], []
-        for start in range(0, len(iou), UPSAMPLE_CHUNK):
-            full = self._upsample(logits[start : start + UPSAMPLE_CHUNK], size, subpixel=subpixel)
-            if self.stability_score_thresh > 0.0:
-                stab.append(stability_score(full, threshold=thr, offset=offset))
-            boxes.append(_boxes_of_logits(full, threshold=thr))
-            del full
-        boxes_t = torch.cat(boxes) if boxes else torch.zeros(0, 4)
-        if stab:
-            keep = torch.cat(stab) >= self.stability_score_thresh
-            logits, iou, boxes_t = logits[keep], iou[keep], boxes_t[keep]
+        # the official full-image stability filter and boxes of the candidates left, from the low-resolution logits
+        # (`stable_boxes`: only the pixels near the thresholds that can change a decision or a box are upsampled)
+        kept, boxes = [], []
+        for start in range(0, len(iou), STATS_CHUNK):
+            chunk = logits[start : start + STATS_CHUNK]
+            k, b = stable_boxes(
+                _spatial(chunk) if subpixel else chunk,
+                size,
+                threshold=thr,
+                offset=offset,
+                stability_thresh=self.stability_score_thresh,
+            )
+            kept.append(k)
+            boxes.append(b)
+        if kept:
+            keep = torch.cat(kept)
+            logits, iou, boxes_t = logits[keep], iou[keep], torch.cat(boxes)[keep]
+        else:
+            boxes_t = torch.zeros(0, 4)
         counts["after_stability"] = len(iou)
         if len(iou):
             keep = batched_nms(boxes_t.float(), iou, torch.zeros_like(boxes_t[:, 0]), self.box_nms_thresh)
@@ -444,25 +442,6 @@ def _spatial(logits: torch.Tensor) -> torch.Tensor:
     k, height, width = logits.shape
     x = logits.reshape(k, height // 4, width // 4, 2, 2, 2, 2)
     return x.permute(0, 1, 3, 5, 2, 4, 6).reshape(k, height, width)
-
-
-def _boxes_of_logits(logits: torch.Tensor, *, threshold: float) -> torch.Tensor:
-    """XYXY boxes of the masks `logits > threshold` ([K, H, W]), [0, 0, 0, 0] for empty ones, as
-    `sam2.utils.amg.batched_mask_to_box` gives, from two max-reductions instead of the full boolean masks."""
-    rows = logits.amax(dim=2) > threshold  # [K, H]
-    cols = logits.amax(dim=1) > threshold  # [K, W]
-    height, width = rows.shape[1], cols.shape[1]
-
-    def edges(any_: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.arange(n, device=any_.device)
-        first = torch.where(any_, idx, n).amin(dim=1)
-        last = torch.where(any_, idx, -1).amax(dim=1)
-        return first, last
-
-    y0, y1 = edges(rows, height)
-    x0, x1 = edges(cols, width)
-    box = torch.stack([x0, y0, x1, y1], dim=1)
-    return torch.where(rows.any(dim=1, keepdim=True), box, torch.zeros_like(box))
 
 
 def _device(model: torch.nn.Module) -> torch.device:

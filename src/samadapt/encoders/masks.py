@@ -344,14 +344,50 @@ def _load_checked(
     model.load_state_dict(state, strict=True)
 
 
+def confident_decoder(
+    state: dict[str, torch.Tensor],
+    *,
+    iou_scale: float = 10.0,
+    iou_shift: float = 1.2,
+    mask_scale: float = 300.0,
+) -> dict[str, torch.Tensor]:
+    """Random SAM 2 weights whose mask decoder passes the official thresholds as a trained one does, for tests and
+    benchmarks (no trained checkpoint can be downloaded here). An untrained decoder predicts IoU ~0.5 and mask
+    logits that hug 0 (stability 0), so the official settings keep nothing. Here: the IoU head's last layer
+    x`iou_scale` and +`iou_shift` before its sigmoid (sam2.1 hiera-t on the astronaut: predicted IoU 0.56-0.95,
+    66 % of the candidates above 0.8); the hypernetworks' last layers x`mask_scale` (logits |median| 0.06 -> 17,
+    stability 0.94-0.98); and the 2 x 2 taps of the two upscaling transposed convolutions averaged (random taps
+    make a checkerboard of every low-resolution pixel, 68 % of the 2 x 2 logit blocks straddling a threshold;
+    averaged, 12 %: masks with edges, as a trained decoder's smooth ones)."""
+    state = dict(state)
+    head = "sam_mask_decoder.iou_prediction_head.layers.2"
+    state[f"{head}.weight"] = state[f"{head}.weight"] * iou_scale
+    state[f"{head}.bias"] = state[f"{head}.bias"] * iou_scale + iou_shift
+    for key in [k for k in state if k.startswith("sam_mask_decoder.output_hypernetworks_mlps.")]:
+        if ".layers.2." in key:
+            state[key] = state[key] * mask_scale
+    for key in ("sam_mask_decoder.output_upscaling.0.weight", "sam_mask_decoder.output_upscaling.3.weight"):
+        state[key] = state[key].mean(dim=(2, 3), keepdim=True).expand_as(state[key]).contiguous()
+    return state
+
+
 def write_tiny_sam2(
-    path: str | os.PathLike[str], *, seed: int = 0, version: str = "2.1", image_size: int = 128
+    path: str | os.PathLike[str],
+    *,
+    seed: int = 0,
+    version: str = "2.1",
+    image_size: int = 128,
+    confident: bool = False,
 ) -> Path:
-    """Random weights of the official SAM 2 model with the registry's tiny trunk, saved as ``{"model": ...}``."""
+    """Random weights of the official SAM 2 model with the registry's tiny trunk, saved as ``{"model": ...}``;
+    `confident`: with `confident_decoder`'s changes, so that masks pass the official thresholds."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model, _, _ = build_sam2_model("sam2_hiera_t", version=version, arch="tiny", image_size=image_size)
+    state = model.state_dict()
+    if confident:
+        state = confident_decoder(state)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": model.state_dict()}, path)
+    torch.save({"model": state}, path)
     return path

@@ -1,0 +1,298 @@
+"""The stability filter and boxes of bilinearly upsampled mask logits, without upsampling every mask.
+
+The official generator upsamples each candidate's 256 x 256 logits to the full image
+(`F.interpolate(..., mode="bilinear", align_corners=False)`) and then counts pixels above `threshold +- offset`
+(stability score) and finds the rows / columns above `threshold` (box). For a 1024 image that is a million
+values per candidate, written and read three times; with a trained checkpoint about two thousand candidates of a
+32 x 32 grid pass the IoU bar, and these passes cost more than the decoder.
+
+Every upsampled pixel is a convex combination of the 2 x 2 low-resolution values around it (a "block"). Where a
+block's four values are all above a threshold (or all at or below it) by more than float rounding, so are all of
+its pixels, and they are counted by the block's pixel count without being computed. Only the pixels of the blocks
+that straddle a threshold (the masks' edges: a few percent of the blocks for confident masks) are computed, with
+the weights and the operation order (fused multiply-adds) of torch's CPU bilinear kernel, so that their values
+are the ones `F.interpolate` gives (bitwise on the CPUs we test on; otherwise within one float rounding). And
+most candidates need not even those: the decided blocks' counts bound the stability score, and the box only
+depends on the edge blocks beyond the rows and columns the decided blocks cover.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# A convex combination of four float32 values computed with fused multiply-adds lies within a few units of
+# float32 rounding (6e-8 relative) of the values' range; 1e-5 relative is far outside that and costs nothing.
+ROUNDING_MARGIN = 1e-5
+# Below this many output pixels per source pixel, upsampling everything is as cheap as sorting out the blocks.
+MIN_UPSAMPLING = 4
+# Above this fraction of undecided blocks (logits that hug the threshold everywhere, as an untrained decoder's do)
+# computing their pixels costs more than upsampling everything: then the chunk is upsampled.
+MAX_UNDECIDED = 0.2
+
+
+@dataclass(frozen=True)
+class _Axis:
+    """One axis of torch's bilinear resampling with align_corners=False, input size n to output size N, and its
+    output indices in groups: consecutive indices with the same lower source index, at most `span` of them
+    (ceil(N / n); the edges, where torch clamps the source index, would otherwise make groups of 6 at 4x)."""
+
+    i0: torch.Tensor  # [N] the lower source index of each output index
+    i1: torch.Tensor  # [N] the upper source index (the lower one at the last source index)
+    w0: torch.Tensor  # [N] the lower source index's weight
+    w1: torch.Tensor  # [N] the upper source index's weight
+    source: torch.Tensor  # [G] each group's lower source index
+    start: torch.Tensor  # [G] its first output index
+    count: torch.Tensor  # [G] its number of output indices (1..span)
+    outputs: torch.Tensor  # [n] the number of output indices of each lower source index
+    first_out: torch.Tensor  # [n] the first of them (N where there is none)
+    last_out: torch.Tensor  # [n] the last of them (-1 where there is none)
+    first_group: torch.Tensor  # [n] the first of the groups of each source index
+    groups: torch.Tensor  # [n] their number (0 where no output index has this lower source index)
+    span: int
+
+    @classmethod
+    def of(cls, n: int, size: int, device: torch.device) -> _Axis:
+        # `area_pixel_compute_scale` / `area_pixel_compute_source_index`: scale * (i + 0.5) - 0.5, which the
+        # compiled kernel fuses into one multiply-add (exact in float64, then rounded once to float32)
+        scale = torch.tensor(n / size, dtype=torch.float32).double()
+        dst = torch.arange(size, dtype=torch.float32).double() + 0.5
+        src = (scale * dst - 0.5).float().clamp(min=0.0)
+        i0 = src.floor().long().clamp(max=n - 1)
+        w1 = (src - i0.float()).clamp(0.0, 1.0)
+        i1 = i0 + (i0 < n - 1).long()
+        span = -(-size // n)
+        # a new group where the source index changes or the current group is full
+        first_of_source = torch.ones(size, dtype=torch.bool)
+        first_of_source[1:] = i0[1:] != i0[:-1]
+        run_start = torch.cummax(torch.where(first_of_source, torch.arange(size), 0), dim=0).values
+        new = first_of_source | ((torch.arange(size) - run_start) % span == 0)
+        group = torch.cumsum(new.long(), dim=0) - 1
+        start = new.nonzero().squeeze(1)
+        count = torch.bincount(group)
+        groups = torch.bincount(i0[start], minlength=n)
+        first_group = torch.cumsum(groups, dim=0) - groups
+        outputs = torch.bincount(i0, minlength=n)
+        out = torch.arange(size)
+        first_out = torch.full((n,), size, dtype=torch.long).scatter_reduce_(0, i0, out, reduce="amin")
+        last_out = torch.full((n,), -1, dtype=torch.long).scatter_reduce_(0, i0, out, reduce="amax")
+        tensors = (
+            i0,
+            i1,
+            1.0 - w1,
+            w1,
+            i0[start],
+            start,
+            count,
+            outputs,
+            first_out,
+            last_out,
+            first_group,
+            groups,
+        )
+        return cls(*(t.to(device) for t in tensors), span=span)
+
+
+def stability_score(logits: torch.Tensor, *, threshold: float, offset: float) -> torch.Tensor:
+    """The official stability score (IoU of the masks at threshold +- offset) of [K, H, W] logits."""
+    inter = (logits > threshold + offset).flatten(1).sum(1, dtype=torch.int64)
+    union = (logits > threshold - offset).flatten(1).sum(1, dtype=torch.int64)
+    return inter / union
+
+
+def boxes_of_logits(logits: torch.Tensor, *, threshold: float) -> torch.Tensor:
+    """XYXY boxes of the masks `logits > threshold` ([K, H, W]), [0, 0, 0, 0] for empty ones, as
+    `sam2.utils.amg.batched_mask_to_box` gives, from two max-reductions instead of the full boolean masks."""
+    return boxes_of_any(logits.amax(dim=2) > threshold, logits.amax(dim=1) > threshold)
+
+
+def upsample(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """[K, h, w] -> [K, H, W] as `SAM2Transforms.postprocess_masks` does."""
+    return F.interpolate(logits[:, None].float(), size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def stable_boxes(
+    logits: torch.Tensor,
+    size: tuple[int, int],
+    *,
+    threshold: float,
+    offset: float,
+    stability_thresh: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keep [K] bool, XYXY boxes [K, 4]) of the masks `F.interpolate(logits[:, None], size, mode="bilinear",
+    align_corners=False)[:, 0] > threshold`: keep is `calculate_stability_score(upsampled, threshold, offset) >=
+    stability_thresh` (all True for stability_thresh <= 0, where the official generator skips the filter), and
+    the boxes are `batched_mask_to_box` of the kept masks (zeros for an empty mask; the dropped masks' boxes are
+    not computed). `logits` are [K, h, w] in image order.
+
+    A candidate's stability is first bounded by the pixel counts of the decided blocks (those with all pixels
+    above or all at or below the threshold) and of the undecided ones; only candidates whose bounds straddle
+    `stability_thresh` get their undecided pixels computed. A box only needs the undecided blocks that reach
+    beyond the rows or columns the decided blocks already cover."""
+    k, h, w = logits.shape
+    device = logits.device
+    x = logits.float()
+    with_stability = stability_thresh > 0.0
+    if size[0] * size[1] < MIN_UPSAMPLING * h * w:
+        return _filter_upsampled(
+            x, size, threshold=threshold, offset=offset, stability_thresh=stability_thresh
+        )
+    grid = _BlockGrid(x, size)
+    keep = torch.ones(k, dtype=torch.bool, device=device)
+    if with_stability:
+        # stability = inter / union, inter = count(> t + offset), union = count(> t - offset)
+        bounds = [grid.count_bounds(threshold + offset), grid.count_bounds(threshold - offset)]
+        (inter_lo, inter_hi), (union_lo, union_hi) = bounds
+        low = inter_lo / union_hi  # nan (0 / 0) for a certainly empty mask, as the official 0 / 0
+        high = inter_hi / union_lo
+        unsure = ~(low >= stability_thresh) & (high >= stability_thresh)
+        keep = low >= stability_thresh
+        if bool(unsure.any()):
+            counts = []
+            for t, (certain, _) in zip((threshold + offset, threshold - offset), bounds, strict=True):
+                blocks = grid.undecided(t) & unsure[:, None, None]
+                if int(blocks.sum()) > MAX_UNDECIDED * blocks.numel():
+                    return _filter_upsampled(
+                        x, size, threshold=threshold, offset=offset, stability_thresh=stability_thresh
+                    )
+                px = grid.pixels(blocks)
+                exact = ((px.values > t) & px.valid).sum(dim=(1, 2))
+                counts.append(certain.long().index_add(0, px.kk, exact))
+            exact_stability = counts[0].to(torch.int32) / counts[1].to(torch.int32)
+            keep |= unsure & (exact_stability >= stability_thresh)
+
+    # the box of `> threshold` of each kept mask: rows and columns covered by decided blocks, then the pixels of
+    # the undecided blocks that reach beyond them
+    above = grid.above(threshold)
+    row_any = (above & (grid.cols.outputs > 0)).any(dim=2)[:, grid.rows.i0]  # [K, H]
+    col_any = (above & (grid.rows.outputs > 0)[:, None]).any(dim=1)[:, grid.cols.i0]  # [K, W]
+    y0, y1 = _edges(row_any)
+    x0, x1 = _edges(col_any)
+    rows_out = (grid.rows.first_out[None, :] < y0[:, None]) | (grid.rows.last_out[None, :] > y1[:, None])
+    cols_out = (grid.cols.first_out[None, :] < x0[:, None]) | (grid.cols.last_out[None, :] > x1[:, None])
+    blocks = grid.undecided(threshold) & keep[:, None, None] & (rows_out[:, :, None] | cols_out[:, None, :])
+    if int(blocks.sum()) > MAX_UNDECIDED * blocks.numel():
+        _, boxes = _filter_upsampled(x, size, threshold=threshold, offset=offset, stability_thresh=0.0)
+        return keep, boxes
+    px = grid.pixels(blocks)
+    hit = (px.values > threshold) & px.valid
+    m, r = hit.any(dim=2).nonzero(as_tuple=True)
+    row_any[px.kk[m], px.r_idx[m, r]] = True
+    m, c = hit.any(dim=1).nonzero(as_tuple=True)
+    col_any[px.kk[m], px.c_idx[m, c]] = True
+    return keep, boxes_of_any(row_any, col_any)
+
+
+@dataclass(frozen=True)
+class _Pixels:
+    """Upsampled values of some blocks: [M, R, C] values, validity (blocks smaller than R x C), their output row
+    [M, R] and column [M, C] indices and their mask index [M]."""
+
+    values: torch.Tensor
+    valid: torch.Tensor
+    r_idx: torch.Tensor
+    c_idx: torch.Tensor
+    kk: torch.Tensor
+
+
+class _BlockGrid:
+    """The 2 x 2 source blocks of [K, h, w] logits upsampled to `size`: their value ranges, their pixel counts and,
+    for chosen blocks, their upsampled pixels."""
+
+    def __init__(self, x: torch.Tensor, size: tuple[int, int]) -> None:
+        k, h, w = x.shape
+        self.x, self.size = x, size
+        self.rows, self.cols = _Axis.of(h, size[0], x.device), _Axis.of(w, size[1], x.device)
+        # block (a, b) = x[a : a + 2, b : b + 2], the last row / column repeated
+        padded = F.pad(x[:, None], (0, 1, 0, 1), mode="replicate")[:, 0]
+        hi = torch.maximum(padded[:, :-1], padded[:, 1:])
+        self.block_max = torch.maximum(hi[:, :, :-1], hi[:, :, 1:])
+        lo = torch.minimum(padded[:, :-1], padded[:, 1:])
+        self.block_min = torch.minimum(lo[:, :, :-1], lo[:, :, 1:])
+        self.margin = (ROUNDING_MARGIN * (1.0 + x.abs().amax(dim=(1, 2))))[:, None, None]
+        self._above: dict[float, torch.Tensor] = {}
+        self._undecided: dict[float, torch.Tensor] = {}
+
+    def above(self, t: float) -> torch.Tensor:
+        """[K, h, w]: every pixel of the block is above t."""
+        if t not in self._above:
+            self._above[t] = self.block_min > t + self.margin
+        return self._above[t]
+
+    def undecided(self, t: float) -> torch.Tensor:
+        """[K, h, w]: the block's pixels may lie on both sides of t."""
+        if t not in self._undecided:
+            self._undecided[t] = (self.block_max > t - self.margin) & ~self.above(t)
+        return self._undecided[t]
+
+    def area(self, blocks: torch.Tensor) -> torch.Tensor:
+        """[K] pixels in the chosen blocks (a row's sum is exact in float32: at most W; the total in float64)."""
+        per_row = blocks.float() @ self.cols.outputs.float()
+        return (per_row.double() @ self.rows.outputs.double()).round()
+
+    def count_bounds(self, t: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """[K] lower and upper bounds (float64) of the number of pixels above t."""
+        certain = self.area(self.above(t))
+        return certain, certain + self.area(self.undecided(t))
+
+    def pixels(self, blocks: torch.Tensor) -> _Pixels:
+        """The upsampled pixels of the chosen blocks, group pair by group pair (a source block has 1 x 1 groups
+        inside the image, up to 2 x 2 at its edges), with the kernel's weights and operation order (torch.addcmul
+        is one fused multiply-add per element, as the compiled kernel's inner loop)."""
+        rows, cols, x, device = self.rows, self.cols, self.x, self.x.device
+        kk, aa, bb = blocks.nonzero(as_tuple=True)
+        n_cols = cols.groups[bb]
+        reps = rows.groups[aa] * n_cols
+        block = torch.repeat_interleave(torch.arange(len(kk), device=device), reps)
+        within = torch.arange(len(block), device=device) - (torch.cumsum(reps, 0) - reps)[block]
+        kk, aa, bb, n_cols = kk[block], aa[block], bb[block], n_cols[block]
+        gr = rows.first_group[aa] + torch.div(within, n_cols, rounding_mode="floor")
+        gc = cols.first_group[bb] + within % n_cols
+        r_idx = rows.start[gr, None] + torch.arange(rows.span, device=device)  # [M, R]
+        c_idx = cols.start[gc, None] + torch.arange(cols.span, device=device)  # [M, C]
+        r_ok = torch.arange(rows.span, device=device) < rows.count[gr, None]
+        c_ok = torch.arange(cols.span, device=device) < cols.count[gc, None]
+        r_idx, c_idx = r_idx.clamp(max=self.size[0] - 1), c_idx.clamp(max=self.size[1] - 1)
+        a1, b1 = rows.i1[r_idx[:, 0]], cols.i1[c_idx[:, 0]]
+        w0, w1 = cols.w0[c_idx], cols.w1[c_idx]
+        upper = torch.addcmul(x[kk, aa, b1][:, None] * w1, x[kk, aa, bb][:, None], w0)  # [M, C] along row a
+        lower = torch.addcmul(x[kk, a1, b1][:, None] * w1, x[kk, a1, bb][:, None], w0)  # along row a + 1
+        values = torch.addcmul(
+            lower[:, None, :] * rows.w1[r_idx][:, :, None], upper[:, None, :], rows.w0[r_idx][:, :, None]
+        )
+        return _Pixels(values, r_ok[:, :, None] & c_ok[:, None, :], r_idx, c_idx, kk)
+
+
+def _filter_upsampled(
+    x: torch.Tensor, size: tuple[int, int], *, threshold: float, offset: float, stability_thresh: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`stable_boxes` the direct way: upsample every mask (a few at a time: their [chunk, H, W] intermediates
+    stay below glibc's mmap threshold, so they reuse freed heap memory instead of faulting in fresh pages)."""
+    keep, boxes = [], []
+    step = max(1, (8 << 20) // (size[0] * size[1]))
+    for start in range(0, len(x), step):
+        full = upsample(x[start : start + step], size)
+        if stability_thresh > 0.0:
+            keep.append(stability_score(full, threshold=threshold, offset=offset) >= stability_thresh)
+        else:
+            keep.append(torch.ones(len(full), dtype=torch.bool, device=x.device))
+        boxes.append(boxes_of_logits(full, threshold=threshold))
+    return torch.cat(keep), torch.cat(boxes)
+
+
+def _edges(any_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """First and last index along dim 1 where `any_` [K, N] holds (N and -1 where it never does)."""
+    n = any_.shape[1]
+    idx = torch.arange(n, device=any_.device)
+    return torch.where(any_, idx, n).amin(dim=1), torch.where(any_, idx, -1).amax(dim=1)
+
+
+def boxes_of_any(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """XYXY boxes [K, 4] of masks given which of their rows [K, H] and columns [K, W] hold a pixel; [0, 0, 0, 0]
+    for an empty mask, as `sam2.utils.amg.batched_mask_to_box` gives."""
+    y0, y1 = _edges(rows)
+    x0, x1 = _edges(cols)
+    box = torch.stack([x0, y0, x1, y1], dim=1)
+    return torch.where(rows.any(dim=1, keepdim=True), box, torch.zeros_like(box))
