@@ -59,7 +59,8 @@ DECODE_CHUNK = 4
 MASK_CHUNK = 2
 # Masks upsampled to the full image at once (memory: chunk * H * W floats).
 UPSAMPLE_CHUNK = 32
-# Candidates whose full-image stability and boxes are found at once (memory: a few low-resolution sizes each).
+# Candidates whose full-image stability and boxes are found at once for a 1024 x 1024 image (fewer for larger ones;
+# memory: a few low-resolution sizes each, plus the undecided blocks' pixels).
 STATS_CHUNK = 64
 
 
@@ -390,8 +391,10 @@ class FastMaskGenerator:
         # the official full-image stability filter and boxes of the candidates left, from the low-resolution logits
         # (`stable_boxes`: only the pixels near the thresholds that can change a decision or a box are upsampled)
         kept, boxes = [], []
-        for start in range(0, len(iou), STATS_CHUNK):
-            chunk = logits[start : start + STATS_CHUNK]
+        # fewer candidates at once for larger images: an undecided block holds (H / 256) x (W / 256) pixels
+        stats_chunk = max(1, STATS_CHUNK * 1024 * 1024 // (height * width))
+        for start in range(0, len(iou), stats_chunk):
+            chunk = logits[start : start + stats_chunk]
             k, b = stable_boxes(
                 _spatial(chunk) if subpixel else chunk,
                 size,
