@@ -43,7 +43,6 @@ class _Axis:
     i1: torch.Tensor  # [N] the upper source index (the lower one at the last source index)
     w0: torch.Tensor  # [N] the lower source index's weight
     w1: torch.Tensor  # [N] the upper source index's weight
-    source: torch.Tensor  # [G] each group's lower source index
     start: torch.Tensor  # [G] its first output index
     count: torch.Tensor  # [G] its number of output indices (1..span)
     outputs: torch.Tensor  # [n] the number of output indices of each lower source index
@@ -83,7 +82,6 @@ class _Axis:
             i1,
             1.0 - w1,
             w1,
-            i0[start],
             start,
             count,
             outputs,
@@ -125,7 +123,7 @@ def stable_boxes(
     align_corners=False)[:, 0] > threshold`: keep is `calculate_stability_score(upsampled, threshold, offset) >=
     stability_thresh` (all True for stability_thresh <= 0, where the official generator skips the filter), and
     the boxes are `batched_mask_to_box` of the kept masks (zeros for an empty mask; the dropped masks' boxes are
-    not computed). `logits` are [K, h, w] in image order.
+    not exact). `logits` are [K, h, w] in image order.
 
     A candidate's stability is first bounded by the pixel counts of the decided blocks (those with all pixels
     above or all at or below the threshold) and of the undecided ones; only candidates whose bounds straddle
@@ -268,10 +266,11 @@ class _BlockGrid:
 def _filter_upsampled(
     x: torch.Tensor, size: tuple[int, int], *, threshold: float, offset: float, stability_thresh: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`stable_boxes` the direct way: upsample every mask (a few at a time: their [chunk, H, W] intermediates
-    stay below glibc's mmap threshold, so they reuse freed heap memory instead of faulting in fresh pages)."""
+    """`stable_boxes` the direct way: upsample every mask (a few at a time: their [chunk, H, W] float32
+    intermediates stay below glibc's largest mmap threshold, 32 MiB, so they reuse freed heap memory instead of
+    faulting in fresh pages)."""
     keep, boxes = [], []
-    step = max(1, (8 << 20) // (size[0] * size[1]))
+    step = max(1, ((8 << 20) - 1) // (size[0] * size[1]))
     for start in range(0, len(x), step):
         full = upsample(x[start : start + step], size)
         if stability_thresh > 0.0:
