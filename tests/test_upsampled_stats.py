@@ -100,6 +100,22 @@ def test_only_the_edges_are_computed_for_smooth_masks(monkeypatch):
     assert calls, "noisy logits should take the upsampling path"
 
 
+def test_only_the_mostly_undecided_candidates_are_upsampled(monkeypatch):
+    """In a chunk of smooth and noisy candidates, only the noisy ones are upsampled, and everything is exact."""
+    smooth = _smooth_logits(6, seed=7, dyadic=True)
+    noisy = (torch.randn(2, 256, 256, generator=torch.Generator().manual_seed(8)) * 64).round() / 64 + 0.5
+    x = torch.cat([smooth[:3], noisy[:1], smooth[3:], noisy[1:]])
+    upsampled = []
+    real = us._filter_upsampled
+    monkeypatch.setattr(
+        us, "_filter_upsampled", lambda c, *a, **k: upsampled.append(c.clone()) or real(c, *a, **k)
+    )
+    _assert_same(x, (1024, 1024), bars=[0.0, 0.3, 0.5, 0.95])
+    assert upsampled
+    for chunk in upsampled:  # only ever the noisy candidates
+        assert all(any(torch.equal(c, n) for n in noisy) for c in chunk)
+
+
 def test_small_outputs_are_upsampled_directly():
     x = _smooth_logits(5, seed=5, side=64)
     _assert_same(x, (80, 70), exact=False)  # less than 4 output pixels per logit

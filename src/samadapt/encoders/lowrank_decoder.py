@@ -508,6 +508,17 @@ class ThinDecoder:
         out = self._final(state.queries[:, token], state.query_pe[:, token], state.keys)
         return self.decoder.iou_prediction_head(out[:, 0, :])
 
+    def final(self, state: ThinState, tokens: Tensor) -> Tensor:
+        """The final attention's output [B, len(tokens), C] for the output tokens `tokens` (indices) of every
+        prompt (the attention is per token, so the others need not run)."""
+        return self._final(state.queries[:, tokens], state.query_pe[:, tokens], state.keys)
+
+    def image_tokens(
+        self, state: ThinState, idx: Tensor, weight: Tensor | None = None, bias: Tensor | None = None
+    ) -> Tensor:
+        """The image tokens [b, N, C] of the prompts `idx` (or `tokens @ weight.T + bias`, see `outputs`)."""
+        return state.keys.select(idx).materialize(weight, bias)
+
     def outputs(
         self,
         state: ThinState,

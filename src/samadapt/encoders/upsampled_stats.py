@@ -29,7 +29,7 @@ ROUNDING_MARGIN = 1e-5
 # Below this many output pixels per source pixel, upsampling everything is as cheap as sorting out the blocks.
 MIN_UPSAMPLING = 4
 # Above this fraction of undecided blocks (logits that hug the threshold everywhere, as an untrained decoder's do)
-# computing their pixels costs more than upsampling everything: then the chunk is upsampled.
+# computing their pixels costs more than upsampling everything: then the candidate is upsampled.
 MAX_UNDECIDED = 0.2
 
 
@@ -51,6 +51,13 @@ class _Axis:
     first_group: torch.Tensor  # [n] the first of the groups of each source index
     groups: torch.Tensor  # [n] their number (0 where no output index has this lower source index)
     span: int
+    # per group, for gathers of whole rows: its output indices [G, span] (clamped to N - 1 past its count), which
+    # of them are its own [G, span], their weights [G, span] and its upper source index [G]
+    group_out: torch.Tensor
+    group_ok: torch.Tensor
+    group_w0: torch.Tensor
+    group_w1: torch.Tensor
+    group_i1: torch.Tensor
 
     @classmethod
     def of(cls, n: int, size: int, device: torch.device) -> _Axis:
@@ -77,20 +84,12 @@ class _Axis:
         out = torch.arange(size)
         first_out = torch.full((n,), size, dtype=torch.long).scatter_reduce_(0, i0, out, reduce="amin")
         last_out = torch.full((n,), -1, dtype=torch.long).scatter_reduce_(0, i0, out, reduce="amax")
-        tensors = (
-            i0,
-            i1,
-            1.0 - w1,
-            w1,
-            start,
-            count,
-            outputs,
-            first_out,
-            last_out,
-            first_group,
-            groups,
-        )
-        return cls(*(t.to(device) for t in tensors), span=span)
+        w0 = 1.0 - w1
+        group_out = (start[:, None] + torch.arange(span)).clamp(max=size - 1)
+        group_ok = torch.arange(span) < count[:, None]
+        tensors = (i0, i1, w0, w1, start, count, outputs, first_out, last_out, first_group, groups)
+        per_group = (group_out, group_ok, w0[group_out], w1[group_out], i1[start])
+        return cls(*(t.to(device) for t in tensors), span, *(t.to(device) for t in per_group))
 
 
 def stability_score(logits: torch.Tensor, *, threshold: float, offset: float) -> torch.Tensor:
@@ -130,57 +129,79 @@ def stable_boxes(
     `stability_thresh` get their undecided pixels computed. A box only needs the undecided blocks that reach
     beyond the rows or columns the decided blocks already cover."""
     k, h, w = logits.shape
-    device = logits.device
     x = logits.float()
-    with_stability = stability_thresh > 0.0
     if size[0] * size[1] < MIN_UPSAMPLING * h * w:
         return _filter_upsampled(
             x, size, threshold=threshold, offset=offset, stability_thresh=stability_thresh
         )
     grid = _BlockGrid(x, size)
-    keep = torch.ones(k, dtype=torch.bool, device=device)
-    if with_stability:
+    keep, boxes, heavy = _block_stable_boxes(
+        grid, threshold=threshold, offset=offset, stability_thresh=stability_thresh
+    )
+    if bool(heavy.any()):  # too many undecided pixels to compute: upsampled
+        idx = heavy.nonzero().squeeze(1)
+        keep[idx], boxes[idx] = _filter_upsampled(
+            x[idx], size, threshold=threshold, offset=offset, stability_thresh=stability_thresh
+        )
+    return keep, boxes
+
+
+def _block_stable_boxes(
+    grid: _BlockGrid, *, threshold: float, offset: float, stability_thresh: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`stable_boxes` from the blocks, and which candidates ("heavy" [K] bool) would need more than
+    `MAX_UNDECIDED` of their blocks' pixels computed: their results here are not exact. Pixel counts come from
+    float comparisons of whole candidates (a comparison into float32 and a matrix product: several times cheaper
+    on the CPU than boolean masks); boolean masks and pixels only for the candidates that need them."""
+    k, h, w = grid.x.shape
+    limit = MAX_UNDECIDED * h * w
+    heavy = torch.zeros(k, dtype=torch.bool, device=grid.x.device)
+    keep = torch.ones_like(heavy)
+    if stability_thresh > 0.0:
         # stability = inter / union, inter = count(> t + offset), union = count(> t - offset)
-        bounds = [grid.count_bounds(threshold + offset), grid.count_bounds(threshold - offset)]
+        thresholds = (threshold + offset, threshold - offset)
+        bounds = [grid.count_bounds(t) for t in thresholds]
         (inter_lo, inter_hi), (union_lo, union_hi) = bounds
         low = inter_lo / union_hi  # nan (0 / 0) for a certainly empty mask, as the official 0 / 0
         high = inter_hi / union_lo
         unsure = ~(low >= stability_thresh) & (high >= stability_thresh)
         keep = low >= stability_thresh
         if bool(unsure.any()):
+            idx = unsure.nonzero().squeeze(1)
+            sub = grid.subset(idx)
+            undecided = [sub.undecided(t) for t in thresholds]
+            needed = torch.stack([_count(u) for u in undecided]).amax(0)
+            heavy[idx] = needed > limit
+            light = ~heavy[idx]
             counts = []
-            for t, (certain, _) in zip((threshold + offset, threshold - offset), bounds, strict=True):
-                blocks = grid.undecided(t) & unsure[:, None, None]
-                if int(blocks.sum()) > MAX_UNDECIDED * blocks.numel():
-                    return _filter_upsampled(
-                        x, size, threshold=threshold, offset=offset, stability_thresh=stability_thresh
-                    )
-                px = grid.pixels(blocks)
+            for t, (certain, _), blocks in zip(thresholds, bounds, undecided, strict=True):
+                px = sub.pixels(blocks & light[:, None, None])
                 exact = ((px.values > t) & px.valid).sum(dim=(1, 2))
-                counts.append(certain.long().index_add(0, px.kk, exact))
+                counts.append(certain[idx].long().index_add(0, px.kk, exact))
             exact_stability = counts[0].to(torch.int32) / counts[1].to(torch.int32)
-            keep |= unsure & (exact_stability >= stability_thresh)
+            keep[idx] = light & (exact_stability >= stability_thresh)
 
     # the box of `> threshold` of each kept mask: rows and columns covered by decided blocks, then the pixels of
     # the undecided blocks that reach beyond them
-    above = grid.above(threshold)
-    row_any = (above & (grid.cols.outputs > 0)).any(dim=2)[:, grid.rows.i0]  # [K, H]
-    col_any = (above & (grid.rows.outputs > 0)[:, None]).any(dim=1)[:, grid.cols.i0]  # [K, W]
-    y0, y1 = _edges(row_any)
-    x0, x1 = _edges(col_any)
-    rows_out = (grid.rows.first_out[None, :] < y0[:, None]) | (grid.rows.last_out[None, :] > y1[:, None])
-    cols_out = (grid.cols.first_out[None, :] < x0[:, None]) | (grid.cols.last_out[None, :] > x1[:, None])
-    blocks = grid.undecided(threshold) & keep[:, None, None] & (rows_out[:, :, None] | cols_out[:, None, :])
-    if int(blocks.sum()) > MAX_UNDECIDED * blocks.numel():
-        _, boxes = _filter_upsampled(x, size, threshold=threshold, offset=offset, stability_thresh=0.0)
-        return keep, boxes
-    px = grid.pixels(blocks)
-    hit = (px.values > threshold) & px.valid
-    m, r = hit.any(dim=2).nonzero(as_tuple=True)
-    row_any[px.kk[m], px.r_idx[m, r]] = True
-    m, c = hit.any(dim=1).nonzero(as_tuple=True)
-    col_any[px.kk[m], px.c_idx[m, c]] = True
-    return keep, boxes_of_any(row_any, col_any)
+    row_any = grid.any_above_along(threshold, dim=2)[:, grid.rows.i0]  # [K, H]
+    col_any = grid.any_above_along(threshold, dim=1)[:, grid.cols.i0]  # [K, W]
+    idx = (keep & ~heavy).nonzero().squeeze(1)
+    if len(idx):
+        sub = grid.subset(idx)
+        y0, y1 = _edges(row_any[idx])
+        x0, x1 = _edges(col_any[idx])
+        rows_out = (grid.rows.first_out[None, :] < y0[:, None]) | (grid.rows.last_out[None, :] > y1[:, None])
+        cols_out = (grid.cols.first_out[None, :] < x0[:, None]) | (grid.cols.last_out[None, :] > x1[:, None])
+        blocks = sub.undecided(threshold) & (rows_out[:, :, None] | cols_out[:, None, :])
+        heavy_box = _count(blocks) > limit
+        heavy[idx] |= heavy_box
+        px = sub.pixels(blocks & ~heavy_box[:, None, None])
+        hit = (px.values > threshold) & px.valid
+        m, r = hit.any(dim=2).nonzero(as_tuple=True)
+        row_any[idx[px.kk[m]], px.r_idx[m, r]] = True
+        m, c = hit.any(dim=1).nonzero(as_tuple=True)
+        col_any[idx[px.kk[m]], px.c_idx[m, c]] = True
+    return keep, boxes_of_any(row_any, col_any), heavy
 
 
 @dataclass(frozen=True)
@@ -206,60 +227,76 @@ class _BlockGrid:
         # block (a, b) = x[a : a + 2, b : b + 2], the last row / column repeated
         padded = F.pad(x[:, None], (0, 1, 0, 1), mode="replicate")[:, 0]
         hi = torch.maximum(padded[:, :-1], padded[:, 1:])
-        self.block_max = torch.maximum(hi[:, :, :-1], hi[:, :, 1:])
+        block_max = torch.maximum(hi[:, :, :-1], hi[:, :, 1:])
         lo = torch.minimum(padded[:, :-1], padded[:, 1:])
-        self.block_min = torch.minimum(lo[:, :, :-1], lo[:, :, 1:])
-        self.margin = (ROUNDING_MARGIN * (1.0 + x.abs().amax(dim=(1, 2))))[:, None, None]
-        self._above: dict[float, torch.Tensor] = {}
-        self._undecided: dict[float, torch.Tensor] = {}
+        block_min = torch.minimum(lo[:, :, :-1], lo[:, :, 1:])
+        margin = (ROUNDING_MARGIN * (1.0 + x.abs().amax(dim=(1, 2))))[:, None, None]
+        # every pixel of block (a, b) is above t where lo > t; some may be only where hi > t
+        self.lo, self.hi = block_min.sub_(margin), block_max.add_(margin)
 
-    def above(self, t: float) -> torch.Tensor:
-        """[K, h, w]: every pixel of the block is above t."""
-        if t not in self._above:
-            self._above[t] = self.block_min > t + self.margin
-        return self._above[t]
+    def subset(self, idx: torch.Tensor) -> _BlockGrid:
+        """The blocks of the candidates `idx` (mask indices of its pixels count within `idx`)."""
+        sub = object.__new__(_BlockGrid)
+        sub.x, sub.size, sub.rows, sub.cols = self.x.index_select(0, idx), self.size, self.rows, self.cols
+        sub.lo, sub.hi = self.lo.index_select(0, idx), self.hi.index_select(0, idx)
+        return sub
 
     def undecided(self, t: float) -> torch.Tensor:
-        """[K, h, w]: the block's pixels may lie on both sides of t."""
-        if t not in self._undecided:
-            self._undecided[t] = (self.block_max > t - self.margin) & ~self.above(t)
-        return self._undecided[t]
+        """[K, h, w] bool: the block's pixels may lie on both sides of t."""
+        return (self.hi > t) & ~(self.lo > t)
 
-    def area(self, blocks: torch.Tensor) -> torch.Tensor:
-        """[K] pixels in the chosen blocks (a row's sum is exact in float32: at most W; the total in float64)."""
-        per_row = blocks.float() @ self.cols.outputs.float()
+    def any_above_along(self, t: float, *, dim: int) -> torch.Tensor:
+        """[K, h] (dim 2) or [K, w] (dim 1): whether a block of the row (column) with output pixels has all its
+        pixels above t."""
+        axis = self.cols if dim == 2 else self.rows
+        lo = (
+            self.lo
+            if bool((axis.outputs > 0).all())
+            else self.lo.index_select(dim, (axis.outputs > 0).nonzero().squeeze(1))
+        )
+        return lo.amax(dim=dim) > t
+
+    def _area_above(self, values: torch.Tensor, t: float) -> torch.Tensor:
+        """[K] pixels of the blocks whose `values` are above t (a row's sum is exact in float32: at most W; the
+        total in float64)."""
+        per_row = torch.gt(values, t, out=torch.empty_like(values)) @ self.cols.outputs.float()
         return (per_row.double() @ self.rows.outputs.double()).round()
 
     def count_bounds(self, t: float) -> tuple[torch.Tensor, torch.Tensor]:
         """[K] lower and upper bounds (float64) of the number of pixels above t."""
-        certain = self.area(self.above(t))
-        return certain, certain + self.area(self.undecided(t))
+        return self._area_above(self.lo, t), self._area_above(self.hi, t)
 
     def pixels(self, blocks: torch.Tensor) -> _Pixels:
         """The upsampled pixels of the chosen blocks, group pair by group pair (a source block has 1 x 1 groups
         inside the image, up to 2 x 2 at its edges), with the kernel's weights and operation order (torch.addcmul
         is one fused multiply-add per element, as the compiled kernel's inner loop)."""
         rows, cols, x, device = self.rows, self.cols, self.x, self.x.device
+        k, h, w = x.shape
         kk, aa, bb = blocks.nonzero(as_tuple=True)
         n_cols = cols.groups[bb]
         reps = rows.groups[aa] * n_cols
-        block = torch.repeat_interleave(torch.arange(len(kk), device=device), reps)
-        within = torch.arange(len(block), device=device) - (torch.cumsum(reps, 0) - reps)[block]
-        kk, aa, bb, n_cols = kk[block], aa[block], bb[block], n_cols[block]
-        gr = rows.first_group[aa] + torch.div(within, n_cols, rounding_mode="floor")
-        gc = cols.first_group[bb] + within % n_cols
-        r_idx = rows.start[gr, None] + torch.arange(rows.span, device=device)  # [M, R]
-        c_idx = cols.start[gc, None] + torch.arange(cols.span, device=device)  # [M, C]
-        r_ok = torch.arange(rows.span, device=device) < rows.count[gr, None]
-        c_ok = torch.arange(cols.span, device=device) < cols.count[gc, None]
-        r_idx, c_idx = r_idx.clamp(max=self.size[0] - 1), c_idx.clamp(max=self.size[1] - 1)
-        a1, b1 = rows.i1[r_idx[:, 0]], cols.i1[c_idx[:, 0]]
-        w0, w1 = cols.w0[c_idx], cols.w1[c_idx]
-        upper = torch.addcmul(x[kk, aa, b1][:, None] * w1, x[kk, aa, bb][:, None], w0)  # [M, C] along row a
-        lower = torch.addcmul(x[kk, a1, b1][:, None] * w1, x[kk, a1, bb][:, None], w0)  # along row a + 1
-        values = torch.addcmul(
-            lower[:, None, :] * rows.w1[r_idx][:, :, None], upper[:, None, :], rows.w0[r_idx][:, :, None]
-        )
+        if bool((reps == 1).all()):  # one group pair per block (inside the image at integer factors)
+            gr, gc = rows.first_group[aa], cols.first_group[bb]
+        else:
+            block = torch.repeat_interleave(torch.arange(len(kk), device=device), reps)
+            within = torch.arange(len(block), device=device) - (torch.cumsum(reps, 0) - reps)[block]
+            kk, aa, bb, n_cols = kk[block], aa[block], bb[block], n_cols[block]
+            gr = rows.first_group[aa] + torch.div(within, n_cols, rounding_mode="floor")
+            gc = cols.first_group[bb] + within % n_cols
+        # the four source values of each block from the flat logits (one index per value, not three)
+        flat = x.reshape(-1)
+        top = kk * (h * w) + aa * w
+        bottom = top + (rows.group_i1[gr] - aa) * w
+        b1 = cols.group_i1[gc]
+        x00, x01 = flat.index_select(0, top + bb), flat.index_select(0, top + b1)
+        x10, x11 = flat.index_select(0, bottom + bb), flat.index_select(0, bottom + b1)
+        w0, w1 = cols.group_w0.index_select(0, gc), cols.group_w1.index_select(0, gc)  # [M, C]
+        upper = torch.addcmul(x01[:, None] * w1, x00[:, None], w0)  # [M, C] along row a
+        lower = torch.addcmul(x11[:, None] * w1, x10[:, None], w0)  # along row a + 1
+        v0, v1 = rows.group_w0.index_select(0, gr), rows.group_w1.index_select(0, gr)  # [M, R]
+        values = torch.addcmul(lower[:, None, :] * v1[:, :, None], upper[:, None, :], v0[:, :, None])
+        r_idx, c_idx = rows.group_out.index_select(0, gr), cols.group_out.index_select(0, gc)
+        r_ok, c_ok = rows.group_ok.index_select(0, gr), cols.group_ok.index_select(0, gc)
         return _Pixels(values, r_ok[:, :, None] & c_ok[:, None, :], r_idx, c_idx, kk)
 
 
@@ -279,6 +316,11 @@ def _filter_upsampled(
             keep.append(torch.ones(len(full), dtype=torch.bool, device=x.device))
         boxes.append(boxes_of_logits(full, threshold=threshold))
     return torch.cat(keep), torch.cat(boxes)
+
+
+def _count(mask: torch.Tensor) -> torch.Tensor:
+    """[K] true values of a [K, ...] bool mask (a sum of its bytes: a bool sum converts to int64 first)."""
+    return mask.view(torch.uint8).flatten(1).sum(1, dtype=torch.int32)
 
 
 def _edges(any_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
