@@ -73,7 +73,12 @@ def test_filters_cut_candidates_before_any_full_image_work(sam2_file, image):
     assert counts["points_upscaled"] < 64  # points without a candidate above the IoU bar get no mask work
     assert counts["after_iou"] < counts["candidates"]
     assert counts["after_stability_prefilter"] <= counts["after_iou"]
-    assert counts["after_nms"] <= counts["after_stability"] <= counts["after_stability_prefilter"]
+    assert counts["after_nms"] <= counts["after_stability_bounds"] <= counts["after_stability_prefilter"]
+    assert (
+        counts["stability_decided_exactly"]
+        <= counts["stability_undecided"]
+        <= counts["after_stability_bounds"]
+    )
 
 
 def _scipy_connected_components(mask: torch.Tensor):
@@ -248,12 +253,61 @@ def test_confident_weights_at_the_official_settings(tmp_path, shape, monkeypatch
     )
     ref, ours = official.generate(image), fast.generate(image)
     counts = fast.fast.last_counts
-    assert len(ref) >= 1 and counts["after_stability"] > len(ours)  # masks pass and NMS has work to do
-    assert (
-        counts["after_stability"] < counts["after_stability_prefilter"]
-    )  # the full-image filter decides some
+    assert len(ref) >= 1 and counts["after_stability_bounds"] > len(ours)  # masks pass and NMS has work to do
+    # the full-image bounds leave candidates undecided; only those NMS would keep are settled exactly
+    assert 0 < counts["stability_decided_exactly"] < counts["stability_undecided"], counts
     # decided from the blocks, but for the few candidates mostly undecided at a threshold (3 x 3 pixel blocks)
     assert sum(fallbacks) < counts["after_stability_prefilter"] / 3
     assert len(ref) == len(ours)
     np.testing.assert_array_equal(ref.masks, ours.masks)
     np.testing.assert_allclose(ref.scores, ours.scores, atol=1e-5)
+
+
+def _blob_logits(k: int, *, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dyadic (exact whatever the CPU's rounding) logits of round masks around 6 centres, stability scores
+    around 0.9-0.95, and random predicted IoU: NMS keeps some of each cluster, the bounds decide few."""
+    g = torch.Generator().manual_seed(seed)
+    clusters = torch.rand(6, 2, generator=g) * 160 + 48
+    centre = clusters[torch.randint(0, 6, (k,), generator=g)] + torch.randn(k, 2, generator=g) * 4
+    radius = torch.rand(k, generator=g) * 20 + 25
+    peak = torch.rand(k, generator=g) * 40 + 20
+    yy, xx = torch.meshgrid(torch.arange(256.0), torch.arange(256.0), indexing="ij")
+    d2 = (yy[None] - centre[:, 0, None, None]) ** 2 + (xx[None] - centre[:, 1, None, None]) ** 2
+    x = peak[:, None, None] * (1 - d2 / radius[:, None, None] ** 2)
+    return (x.clamp(min=-30) * 64).round() / 64, torch.rand(k, generator=g)
+
+
+@pytest.mark.parametrize("bar", [0.9, 0.93, 0.95])
+@pytest.mark.parametrize("seed", [11, 12])
+def test_stable_nms_settles_only_what_nms_keeps_and_equals_filter_then_nms(bar, seed):
+    """NMS over the stable and undecided candidates, settling the kept undecided ones exactly, keeps what the
+    official order keeps (the exact stability filter on every candidate, then NMS), in the same order; it
+    settles fewer candidates than are undecided, and reruns where a kept one turns out unstable."""
+    from torchvision.ops.boxes import batched_nms
+
+    import samadapt.encoders.upsampled_stats as us
+    from samadapt.encoders.fast_masks import stable_nms
+
+    logits, iou = _blob_logits(40, seed=seed)
+    kw = dict(threshold=0.0, offset=1.0, stability_thresh=bar)
+    keep, boxes = us.stable_boxes(logits, (1024, 1024), **kw)
+    idx = keep.nonzero().squeeze(1)
+    b = boxes[idx].float()
+    expected = idx[batched_nms(b, iou[idx], torch.zeros_like(b[:, 0]), 0.7)]
+
+    status, boxes = us.stability_status(logits, (1024, 1024), **kw)
+    alive = (status != us.UNSTABLE).nonzero().squeeze(1)
+    asked = []
+
+    def exact(i):
+        asked.append(len(i))
+        return us.exactly_stable(logits[alive[i]], (1024, 1024), **kw)
+
+    kept, settled, failed = stable_nms(
+        iou[alive], boxes[alive], (status == us.UNDECIDED)[alive], exact=exact, nms_thresh=0.7
+    )
+    assert len(expected) > 5
+    assert torch.equal(alive[kept], expected)
+    assert settled == sum(asked) < int((status == us.UNDECIDED).sum())
+    if bar == 0.95:
+        assert failed > 0 and len(asked) > 1  # kept candidates found unstable: NMS reran without them

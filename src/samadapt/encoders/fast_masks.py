@@ -32,7 +32,7 @@ Crop layers (`crop_n_layers > 0`) and the m2m refinement are not implemented her
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -44,7 +44,14 @@ import torch.nn.functional as F
 from torchvision.ops.boxes import batched_nms
 
 from samadapt.encoders.lowrank_decoder import ThinDecoder
-from samadapt.encoders.upsampled_stats import stability_score, stable_boxes, upsample
+from samadapt.encoders.upsampled_stats import (
+    UNDECIDED,
+    UNSTABLE,
+    exactly_stable,
+    stability_score,
+    stability_status,
+    upsample,
+)
 from samadapt.errors import ConfigError
 
 PRECISIONS = ("fp32", "bf16")
@@ -123,22 +130,26 @@ def fill_small_regions(logits: torch.Tensor, *, area: int, threshold: float) -> 
 @dataclass
 class _Candidates:
     """Low-resolution candidates of one image: logits [K, 256, 256], predicted IoU [K] and, once the full-image
-    stability filter has run, their full-image boxes [K, 4]."""
+    stability bounds have run (`stability_status`), their full-image boxes [K, 4] and which are still undecided
+    [K] bool."""
 
     logits: torch.Tensor
     iou: torch.Tensor
     counts: dict[str, int] = field(default_factory=dict)  # filter stages already applied: candidates left
     boxes: torch.Tensor | None = None
+    undecided: torch.Tensor | None = None
 
     @classmethod
     def cat(cls, parts: list[_Candidates], *, side: int) -> _Candidates:
         counts = {k: sum(p.counts[k] for p in parts) for k in (parts[0].counts if parts else {})}
         if not parts:
             return cls(torch.zeros(0, side, side), torch.zeros(0))
-        boxes = None
+        boxes = undecided = None
         if all(p.boxes is not None for p in parts):
             boxes = torch.cat([p.boxes for p in parts])
-        return cls(torch.cat([p.logits for p in parts]), torch.cat([p.iou for p in parts]), counts, boxes)
+            undecided = torch.cat([p.undecided for p in parts])
+        logits, iou = torch.cat([p.logits for p in parts]), torch.cat([p.iou for p in parts])
+        return cls(logits, iou, counts, boxes, undecided)
 
 
 class FastMaskGenerator:
@@ -263,8 +274,8 @@ class FastMaskGenerator:
         return self._prefilter(cand, size=size), len(keep)
 
     def _prefilter(self, cand: _Candidates, *, size: tuple[int, int]) -> _Candidates:
-        """The IoU filter, the low-resolution stability prefilter and the full-image stability filter and boxes
-        (`stable_boxes`) on one chunk's candidates, in the worker while its logits are in cache: the filters'
+        """The IoU filter, the low-resolution stability prefilter, and the full-image stability bounds and boxes
+        (`stability_status`) on one chunk's candidates, in the worker while its logits are in cache: the filters'
         many element-wise passes run on a few candidates at once on each worker's core instead of on large
         batches afterwards (2-core AMX Xeon: 1.9 ms per candidate against 3.5 ms). Not with
         `min_mask_region_area`: the official code fills small regions before the stability score."""
@@ -280,22 +291,25 @@ class FastMaskGenerator:
             pre = low >= self.stability_score_thresh - STABILITY_MARGIN
             logits, iou = logits[pre], iou[pre]
             counts["after_stability_prefilter"] = len(iou)
-        keep, boxes = self._stable_boxes(logits, size=size, subpixel=True)
-        counts["after_stability"] = int(keep.sum())
-        return _Candidates(logits[keep], iou[keep], counts, boxes[keep])
+        status, boxes = self._stability_status(logits, size=size, subpixel=True)
+        alive = status != UNSTABLE
+        counts["after_stability_bounds"] = int(alive.sum())
+        counts["stability_undecided"] = int((status == UNDECIDED).sum())
+        return _Candidates(logits[alive], iou[alive], counts, boxes[alive], (status == UNDECIDED)[alive])
 
-    def _stable_boxes(
+    def _stability_status(
         self, logits: torch.Tensor, *, size: tuple[int, int], subpixel: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(keep [K] bool, full-image boxes [K, 4]) of low-resolution candidates: the official full-image
-        stability filter and `batched_mask_to_box`, from the low-resolution logits (`stable_boxes`: only the
-        pixels near the thresholds that can change a decision or a box are upsampled)."""
+        """(status [K] int8, full-image boxes [K, 4]) of low-resolution candidates: the official full-image
+        stability filter as far as pixel-count bounds decide it, and `batched_mask_to_box`, from the
+        low-resolution logits (`stability_status`: only the pixels near the threshold that can change a box
+        are upsampled)."""
         kept, boxes = [], []
         # fewer candidates at once for larger images: an undecided block holds (H / 256) x (W / 256) pixels
         stats_chunk = max(1, STATS_CHUNK * 1024 * 1024 // (size[0] * size[1]))
         for start in range(0, len(logits), stats_chunk):
             chunk = logits[start : start + stats_chunk]
-            k, b = stable_boxes(
+            k, b = stability_status(
                 _spatial(chunk) if subpixel else chunk,
                 size,
                 threshold=self.mask_threshold,
@@ -305,8 +319,35 @@ class FastMaskGenerator:
             kept.append(k)
             boxes.append(b)
         if not kept:
-            return torch.zeros(0, dtype=torch.bool), torch.zeros(0, 4, dtype=torch.int64)
+            return torch.zeros(0, dtype=torch.int8), torch.zeros(0, 4, dtype=torch.int64)
         return torch.cat(kept), torch.cat(boxes)
+
+    def _nms(
+        self,
+        cand: _Candidates,
+        *,
+        size: tuple[int, int],
+        subpixel: bool,
+        counts: dict[str, int],
+    ) -> torch.Tensor:
+        """Indices of the candidates the official generator keeps, in NMS order (`stable_nms`)."""
+
+        def exact(idx: torch.Tensor) -> torch.Tensor:
+            chunk = cand.logits[idx]
+            return exactly_stable(
+                _spatial(chunk) if subpixel else chunk,
+                size,
+                threshold=self.mask_threshold,
+                offset=self.stability_score_offset,
+                stability_thresh=self.stability_score_thresh,
+            )
+
+        keep, settled, failed = stable_nms(
+            cand.iou, cand.boxes, cand.undecided, exact=exact, nms_thresh=self.box_nms_thresh
+        )
+        counts["stability_decided_exactly"] = settled
+        counts["stability_failed_exactly"] = failed
+        return keep
 
     def _masks(
         self, thin: ThinDecoder, state: Any, keep: torch.Tensor, *, hs: torch.Tensor, mask_ids: torch.Tensor
@@ -436,15 +477,16 @@ class FastMaskGenerator:
                 pre = low >= self.stability_score_thresh - STABILITY_MARGIN
                 logits, iou = logits[pre], iou[pre]
                 counts["after_stability_prefilter"] = len(iou)
-        if cand.boxes is not None:  # the full-image filter ran in the workers too
-            boxes_t = cand.boxes
-        else:
-            keep, boxes_t = self._stable_boxes(logits, size=size, subpixel=subpixel)
-            logits, iou, boxes_t = logits[keep], iou[keep], boxes_t[keep]
-        counts["after_stability"] = len(iou)
-        if len(iou):
-            keep = batched_nms(boxes_t.float(), iou, torch.zeros_like(boxes_t[:, 0]), self.box_nms_thresh)
-            logits, iou = logits[keep], iou[keep]
+        if cand.boxes is None:  # else the full-image bounds and boxes ran in the workers
+            status, boxes = self._stability_status(logits, size=size, subpixel=subpixel)
+            alive = status != UNSTABLE
+            counts["after_stability_bounds"] = int(alive.sum())
+            counts["stability_undecided"] = int((status == UNDECIDED).sum())
+            cand = _Candidates(
+                logits[alive], iou[alive], boxes=boxes[alive], undecided=(status == UNDECIDED)[alive]
+            )
+        keep = self._nms(cand, size=size, subpixel=subpixel, counts=counts)
+        logits, iou = cand.logits[keep], cand.iou[keep]
         counts["after_nms"] = len(iou)
         self.last_counts = counts
         masks = np.zeros((len(iou), height, width), bool)
@@ -452,6 +494,43 @@ class FastMaskGenerator:
             full = self._upsample(logits[start : start + UPSAMPLE_CHUNK], size, subpixel=subpixel)
             masks[start : start + len(full)] = (full > thr).cpu().numpy()
         return masks, iou.float().cpu().numpy()
+
+
+def stable_nms(
+    iou: torch.Tensor,
+    boxes: torch.Tensor,
+    undecided: torch.Tensor,
+    *,
+    exact: Callable[[torch.Tensor], torch.Tensor],
+    nms_thresh: float,
+) -> tuple[torch.Tensor, int, int]:
+    """(kept indices in NMS order, candidates settled exactly, of which unstable) of box NMS (torchvision's
+    `batched_nms`, predicted IoU `iou` as score, as the official generator) over the candidates that pass the
+    stability filter, given candidates known stable or `undecided` [K] bool, their boxes [K, 4] and `exact(idx)`,
+    the exact stability decision [len(idx)] bool of some of the undecided ones.
+
+    The filter is only settled where NMS needs it: NMS over the stable and the undecided candidates, then the
+    exact stability of the undecided ones it kept; the unstable among them are dropped and NMS reruns, until every
+    kept candidate is known stable. Exact: an undecided candidate that is never kept never suppresses another, so
+    it changes no kept set whether it is stable or not; and a candidate a kept mask suppresses (most of them)
+    never needs its stability computed."""
+    undecided = undecided.clone()
+    alive = torch.ones(len(iou), dtype=torch.bool, device=iou.device)
+    settled = failed = 0
+    while True:
+        idx = alive.nonzero().squeeze(1)
+        if len(idx) == 0:
+            return idx, settled, failed
+        b = boxes[idx].float()
+        keep = idx[batched_nms(b, iou[idx], torch.zeros_like(b[:, 0]), nms_thresh)]
+        check = keep[undecided[keep]]
+        if len(check) == 0:
+            return keep, settled, failed
+        stable = exact(check)
+        undecided[check] = False
+        alive[check[~stable]] = False
+        settled += len(check)
+        failed += int((~stable).sum())
 
 
 def _subpixel_weights(w1: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -110,6 +110,10 @@ def upsample(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(logits[:, None].float(), size, mode="bilinear", align_corners=False)[:, 0]
 
 
+# `stability_status` values
+STABLE, UNSTABLE, UNDECIDED = 1, 0, -1
+
+
 def stable_boxes(
     logits: torch.Tensor,
     size: tuple[int, int],
@@ -122,70 +126,110 @@ def stable_boxes(
     align_corners=False)[:, 0] > threshold`: keep is `calculate_stability_score(upsampled, threshold, offset) >=
     stability_thresh` (all True for stability_thresh <= 0, where the official generator skips the filter), and
     the boxes are `batched_mask_to_box` of the kept masks (zeros for an empty mask; the dropped masks' boxes are
-    not exact). `logits` are [K, h, w] in image order.
+    not exact). `logits` are [K, h, w] in image order: `stability_status`, then `exactly_stable` for the
+    candidates it leaves undecided."""
+    status, boxes = stability_status(
+        logits, size, threshold=threshold, offset=offset, stability_thresh=stability_thresh
+    )
+    keep = status == STABLE
+    pending = (status == UNDECIDED).nonzero().squeeze(1)
+    if len(pending):
+        keep[pending] = exactly_stable(
+            logits[pending], size, threshold=threshold, offset=offset, stability_thresh=stability_thresh
+        )
+    return keep, boxes
 
-    A candidate's stability is first bounded by the pixel counts of the decided blocks (those with all pixels
-    above or all at or below the threshold) and of the undecided ones; only candidates whose bounds straddle
-    `stability_thresh` get their undecided pixels computed. A box only needs the undecided blocks that reach
-    beyond the rows or columns the decided blocks already cover."""
+
+def stability_status(
+    logits: torch.Tensor,
+    size: tuple[int, int],
+    *,
+    threshold: float,
+    offset: float,
+    stability_thresh: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(status [K] int8: `STABLE`, `UNSTABLE` or `UNDECIDED`, XYXY boxes [K, 4], exact wherever the status is not
+    `UNSTABLE`) of the upsampled masks (see `stable_boxes`), without computing any pixel for the stability score:
+    a candidate's stability is bounded by the pixel counts of the decided blocks (those with all pixels above or
+    all at or below the threshold) and of the undecided ones, and is `UNDECIDED` where the bounds straddle
+    `stability_thresh` (`exactly_stable` settles it; a caller that only needs some of these, such as NMS, which
+    needs the candidates no kept mask suppresses, can leave the others). A box only needs the undecided blocks
+    that reach beyond the rows or columns the decided blocks already cover."""
+    k, h, w = logits.shape
+    x = logits.float()
+    if size[0] * size[1] < MIN_UPSAMPLING * h * w:
+        keep, boxes = _filter_upsampled(
+            x, size, threshold=threshold, offset=offset, stability_thresh=stability_thresh
+        )
+        return keep.to(torch.int8), boxes
+    grid = _BlockGrid(x, size)
+    status = torch.full((k,), STABLE, dtype=torch.int8, device=x.device)
+    if stability_thresh > 0.0:
+        # stability = inter / union, inter = count(> t + offset), union = count(> t - offset)
+        (inter_lo, inter_hi), (union_lo, union_hi) = (
+            grid.count_bounds(threshold + offset),
+            grid.count_bounds(threshold - offset),
+        )
+        low = inter_lo / union_hi  # nan (0 / 0) for a certainly empty mask, as the official 0 / 0
+        high = inter_hi / union_lo
+        status[~(low >= stability_thresh)] = UNDECIDED
+        status[~(high >= stability_thresh)] = UNSTABLE
+    boxes, heavy = _block_boxes(grid, status != UNSTABLE, threshold=threshold)
+    if bool(heavy.any()):  # too many undecided pixels to compute: upsampled
+        idx = heavy.nonzero().squeeze(1)
+        keep, boxes[idx] = _filter_upsampled(
+            x[idx], size, threshold=threshold, offset=offset, stability_thresh=stability_thresh
+        )
+        status[idx] = keep.to(torch.int8)
+    return status, boxes
+
+
+def exactly_stable(
+    logits: torch.Tensor,
+    size: tuple[int, int],
+    *,
+    threshold: float,
+    offset: float,
+    stability_thresh: float,
+) -> torch.Tensor:
+    """[K] bool: `calculate_stability_score(upsampled, threshold, offset) >= stability_thresh`, from the decided
+    blocks' pixel counts and the undecided blocks' pixels (computed with torch's CPU kernel's weights and fused
+    multiply-adds); candidates with more than `MAX_UNDECIDED` undecided blocks are upsampled."""
     k, h, w = logits.shape
     x = logits.float()
     if size[0] * size[1] < MIN_UPSAMPLING * h * w:
         return _filter_upsampled(
             x, size, threshold=threshold, offset=offset, stability_thresh=stability_thresh
-        )
+        )[0]
     grid = _BlockGrid(x, size)
-    keep, boxes, heavy = _block_stable_boxes(
-        grid, threshold=threshold, offset=offset, stability_thresh=stability_thresh
-    )
-    if bool(heavy.any()):  # too many undecided pixels to compute: upsampled
+    thresholds = (threshold + offset, threshold - offset)
+    undecided = [grid.undecided(t) for t in thresholds]
+    heavy = torch.stack([_count(u) for u in undecided]).amax(0) > MAX_UNDECIDED * h * w
+    counts = []
+    for t, blocks in zip(thresholds, undecided, strict=True):
+        px = grid.pixels(blocks & ~heavy[:, None, None])
+        exact = ((px.values > t) & px.valid).sum(dim=(1, 2))
+        counts.append(grid.count_bounds(t)[0].long().index_add(0, px.kk, exact))
+    keep = counts[0].to(torch.int32) / counts[1].to(torch.int32) >= stability_thresh
+    if bool(heavy.any()):
         idx = heavy.nonzero().squeeze(1)
-        keep[idx], boxes[idx] = _filter_upsampled(
+        keep[idx] = _filter_upsampled(
             x[idx], size, threshold=threshold, offset=offset, stability_thresh=stability_thresh
-        )
-    return keep, boxes
+        )[0]
+    return keep
 
 
-def _block_stable_boxes(
-    grid: _BlockGrid, *, threshold: float, offset: float, stability_thresh: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`stable_boxes` from the blocks, and which candidates ("heavy" [K] bool) would need more than
-    `MAX_UNDECIDED` of their blocks' pixels computed: their results here are not exact. Pixel counts come from
-    float comparisons of whole candidates (a comparison into float32 and a matrix product: several times cheaper
-    on the CPU than boolean masks); boolean masks and pixels only for the candidates that need them."""
+def _block_boxes(
+    grid: _BlockGrid, wanted: torch.Tensor, *, threshold: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(XYXY boxes [K, 4] of `> threshold`, exact for the `wanted` candidates that are not "heavy" [K] bool: with
+    more than `MAX_UNDECIDED` of their blocks to compute): the rows and columns covered by decided blocks, then
+    the pixels of the undecided blocks that reach beyond them."""
     k, h, w = grid.x.shape
-    limit = MAX_UNDECIDED * h * w
     heavy = torch.zeros(k, dtype=torch.bool, device=grid.x.device)
-    keep = torch.ones_like(heavy)
-    if stability_thresh > 0.0:
-        # stability = inter / union, inter = count(> t + offset), union = count(> t - offset)
-        thresholds = (threshold + offset, threshold - offset)
-        bounds = [grid.count_bounds(t) for t in thresholds]
-        (inter_lo, inter_hi), (union_lo, union_hi) = bounds
-        low = inter_lo / union_hi  # nan (0 / 0) for a certainly empty mask, as the official 0 / 0
-        high = inter_hi / union_lo
-        unsure = ~(low >= stability_thresh) & (high >= stability_thresh)
-        keep = low >= stability_thresh
-        if bool(unsure.any()):
-            idx = unsure.nonzero().squeeze(1)
-            sub = grid.subset(idx)
-            undecided = [sub.undecided(t) for t in thresholds]
-            needed = torch.stack([_count(u) for u in undecided]).amax(0)
-            heavy[idx] = needed > limit
-            light = ~heavy[idx]
-            counts = []
-            for t, (certain, _), blocks in zip(thresholds, bounds, undecided, strict=True):
-                px = sub.pixels(blocks & light[:, None, None])
-                exact = ((px.values > t) & px.valid).sum(dim=(1, 2))
-                counts.append(certain[idx].long().index_add(0, px.kk, exact))
-            exact_stability = counts[0].to(torch.int32) / counts[1].to(torch.int32)
-            keep[idx] = light & (exact_stability >= stability_thresh)
-
-    # the box of `> threshold` of each kept mask: rows and columns covered by decided blocks, then the pixels of
-    # the undecided blocks that reach beyond them
     row_any = grid.any_above_along(threshold, dim=2)[:, grid.rows.i0]  # [K, H]
     col_any = grid.any_above_along(threshold, dim=1)[:, grid.cols.i0]  # [K, W]
-    idx = (keep & ~heavy).nonzero().squeeze(1)
+    idx = wanted.nonzero().squeeze(1)
     if len(idx):
         sub = grid.subset(idx)
         y0, y1 = _edges(row_any[idx])
@@ -193,15 +237,15 @@ def _block_stable_boxes(
         rows_out = (grid.rows.first_out[None, :] < y0[:, None]) | (grid.rows.last_out[None, :] > y1[:, None])
         cols_out = (grid.cols.first_out[None, :] < x0[:, None]) | (grid.cols.last_out[None, :] > x1[:, None])
         blocks = sub.undecided(threshold) & (rows_out[:, :, None] | cols_out[:, None, :])
-        heavy_box = _count(blocks) > limit
-        heavy[idx] |= heavy_box
+        heavy_box = _count(blocks) > MAX_UNDECIDED * h * w
+        heavy[idx] = heavy_box
         px = sub.pixels(blocks & ~heavy_box[:, None, None])
         hit = (px.values > threshold) & px.valid
         m, r = hit.any(dim=2).nonzero(as_tuple=True)
         row_any[idx[px.kk[m]], px.r_idx[m, r]] = True
         m, c = hit.any(dim=1).nonzero(as_tuple=True)
         col_any[idx[px.kk[m]], px.c_idx[m, c]] = True
-    return keep, boxes_of_any(row_any, col_any), heavy
+    return boxes_of_any(row_any, col_any), heavy
 
 
 @dataclass(frozen=True)
