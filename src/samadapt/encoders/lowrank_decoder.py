@@ -378,6 +378,17 @@ class _Lin:
             )
         return (a.v * b.v).sum(-1).reshape(-1, 1)
 
+    def shared_matrix(self) -> Tensor:
+        """The one [N, D] matrix of keys that every prompt shares (`is_shared`), not a copy per prompt (the constant
+        row is merged per chunk: not memoised, it is a fresh tensor each time)."""
+        terms = self._shared_terms()
+        assert self.is_shared() and len(terms) <= 1, "only for keys every prompt shares"
+        const = self._constant()
+        if not terms:
+            return const.expand(self.n, -1)
+        m = terms[0][1].m
+        return m if const is None else m + const
+
     def materialize(self, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
         """The keys themselves [B, N, D], or their image `X @ weight.T + bias` [B, N, D'] under an affine map,
         computed on the factors (cheaper than materialising the keys first when D' >= D); `bias` is [D'] or
@@ -440,7 +451,7 @@ def _token_to_image(attn: nn.Module, queries: Tensor, keys: _Lin, pe: Tensor) ->
     q = q.view(b, t, h, -1).transpose(1, 2)  # [B, H, T, d]
     k, v = keys.project(attn.k_proj, pe), keys.project(attn.v_proj)
     if k.is_shared() and v.is_shared():  # the first layer: keys and values are the same for every prompt
-        k_shared, v_shared = (x.materialize()[0].view(keys.n, h, -1).transpose(0, 1) for x in (k, v))
+        k_shared, v_shared = (x.shared_matrix().view(keys.n, h, -1).transpose(0, 1) for x in (k, v))
         # softmax is per query: all prompts' tokens as the queries of one batch against the one set of keys
         qs = q.transpose(0, 1).reshape(1, h, b * t, -1)
         out = F.scaled_dot_product_attention(qs, k_shared[None], v_shared[None])
