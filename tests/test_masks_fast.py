@@ -72,8 +72,7 @@ def test_filters_cut_candidates_before_any_full_image_work(sam2_file, image):
     assert counts["points_decoded"] == 64
     assert counts["points_upscaled"] < 64  # points without a candidate above the IoU bar get no mask work
     assert counts["after_iou"] < counts["candidates"]
-    assert counts["after_stability_prefilter"] <= counts["after_iou"]
-    assert counts["after_nms"] <= counts["after_stability_bounds"] <= counts["after_stability_prefilter"]
+    assert counts["after_nms"] <= counts["after_stability_bounds"] <= counts["after_iou"]
     assert (
         counts["stability_decided_exactly"]
         <= counts["stability_undecided"]
@@ -257,7 +256,7 @@ def test_confident_weights_at_the_official_settings(tmp_path, shape, monkeypatch
     # the full-image bounds leave candidates undecided; only those NMS would keep are settled exactly
     assert 0 < counts["stability_decided_exactly"] < counts["stability_undecided"], counts
     # decided from the blocks, but for the few candidates mostly undecided at a threshold (3 x 3 pixel blocks)
-    assert sum(fallbacks) < counts["after_stability_prefilter"] / 3
+    assert sum(fallbacks) < counts["after_iou"] / 3
     assert len(ref) == len(ours)
     np.testing.assert_array_equal(ref.masks, ours.masks)
     np.testing.assert_allclose(ref.scores, ours.scores, atol=1e-5)

@@ -9,14 +9,15 @@ This generator computes the same arithmetic in another order:
    transformer on a thin representation of the per-prompt image tokens (`lowrank_decoder.ThinDecoder`: the
    same modules and weights, equal to the official output up to float rounding, several times cheaper because
    no prompt gets its own copy of the 64x64 image tokens), in chunks of `DECODE_CHUNK` prompts; the final
-   attention runs for the IoU token only, and only points with a candidate above `pred_iou_thresh` get their
-   image tokens materialised, their mask tokens and the official upscaling convolutions;
-3. the stability score is first computed on the 256x256 low-resolution logits; only candidates within
-   `STABILITY_MARGIN` of `stability_score_thresh` are upsampled (chunk by chunk, never all at once) for the
-   official full-image stability score and box (the low-resolution score only decides which masks are
-   certainly out; the benchmark records how many full-image survivors it would have dropped);
-4. box NMS (torchvision's `batched_nms`, predicted IoU as score, as the official code) on the official
-   full-image boxes, found from row / column maxima of the upsampled logits;
+   attention runs for the IoU token and the mask tokens this setting returns, and only points with a candidate
+   above `pred_iou_thresh` get their image tokens materialised and the official upscaling convolutions;
+3. in the workers, per chunk: the IoU filter, then bounds of the official full-image stability score and the
+   exact full-image boxes, from 2x2 blocks of the 256x256 logits, without upsampling
+   (`upsampled_stats.stability_status`): each candidate is stable, unstable or undecided (no heuristic
+   pre-filter: every decision is the official one);
+4. box NMS (torchvision's `batched_nms`, predicted IoU as score, as the official code) over the stable and
+   undecided candidates, settling exactly (`exactly_stable`) only the undecided ones NMS keeps, and rerunning
+   without those that fail (`stable_nms`: the same kept masks as filtering everything first);
 5. only the kept masks are upsampled to the image size.
 
 `min_mask_region_area > 0`: the official generator hands it to `SAM2Transforms` as hole / sprinkle areas, filled
@@ -48,15 +49,12 @@ from samadapt.encoders.upsampled_stats import (
     UNDECIDED,
     UNSTABLE,
     exactly_stable,
-    stability_score,
     stability_status,
     upsample,
 )
 from samadapt.errors import ConfigError
 
 PRECISIONS = ("fp32", "bf16")
-# Candidates whose low-resolution stability is this far below the threshold are dropped without upsampling.
-STABILITY_MARGIN = 0.1
 # Prompts per thin-keys decoder call: its intermediates are [chunk, 4096, 64] blocks, fastest while they stay in
 # cache. On the CPU the chunks run on `decode_workers()` threads with one intra-op thread each: the decoder is
 # many mid-sized ops, which two single-threaded workers overlap better than one two-threaded stream
@@ -274,7 +272,7 @@ class FastMaskGenerator:
         return self._prefilter(cand, size=size), len(keep)
 
     def _prefilter(self, cand: _Candidates, *, size: tuple[int, int]) -> _Candidates:
-        """The IoU filter, the low-resolution stability prefilter, and the full-image stability bounds and boxes
+        """The IoU filter, and the full-image stability bounds and boxes
         (`stability_status`) on one chunk's candidates, in the worker while its logits are in cache: the filters'
         many element-wise passes run on a few candidates at once on each worker's core instead of on large
         batches afterwards (2-core AMX Xeon: 1.9 ms per candidate against 3.5 ms). Not with
@@ -286,11 +284,6 @@ class FastMaskGenerator:
             keep = iou > self.pred_iou_thresh
             logits, iou = logits[keep], iou[keep]
         counts = {"after_iou": len(iou)}
-        if self.stability_score_thresh > 0.0:
-            low = stability_score(logits, threshold=self.mask_threshold, offset=self.stability_score_offset)
-            pre = low >= self.stability_score_thresh - STABILITY_MARGIN
-            logits, iou = logits[pre], iou[pre]
-            counts["after_stability_prefilter"] = len(iou)
         status, boxes = self._stability_status(logits, size=size, subpixel=True)
         alive = status != UNSTABLE
         counts["after_stability_bounds"] = int(alive.sum())
@@ -461,7 +454,7 @@ class FastMaskGenerator:
             self.predictor.reset_predictor()
         logits, iou = cand.logits, cand.iou
         subpixel = True  # the decoder's pixel order (see `_masks`) until something needs the image order
-        thr, offset = self.mask_threshold, self.stability_score_offset
+        thr = self.mask_threshold
         if cand.counts:  # filtered chunk by chunk in the workers (`_prefilter`)
             counts.update(cand.counts)
         else:
@@ -472,11 +465,6 @@ class FastMaskGenerator:
             if self.min_mask_region_area > 0 and len(iou):
                 logits, subpixel = _spatial(logits), False
                 logits = fill_small_regions(logits, area=self.min_mask_region_area, threshold=thr)
-            if self.stability_score_thresh > 0.0:
-                low = stability_score(logits, threshold=thr, offset=offset)
-                pre = low >= self.stability_score_thresh - STABILITY_MARGIN
-                logits, iou = logits[pre], iou[pre]
-                counts["after_stability_prefilter"] = len(iou)
         if cand.boxes is None:  # else the full-image bounds and boxes ran in the workers
             status, boxes = self._stability_status(logits, size=size, subpixel=subpixel)
             alive = status != UNSTABLE
