@@ -69,13 +69,14 @@ def _image(side: int) -> np.ndarray:
     return np.asarray(image.resize((round(image.width * scale), round(image.height * scale)), Image.BILINEAR))
 
 
-def _time(fn: Any, rounds: int) -> tuple[float, Any]:
+def _time(fn: Any, rounds: int) -> tuple[float, list[float], Any]:
+    """(median seconds, every round's seconds, the last output)."""
     times, out = [], None
     for _ in range(rounds):
         start = time.perf_counter()
         out = fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times), out
+    return statistics.median(times), times, out
 
 
 def main() -> None:
@@ -130,8 +131,10 @@ def main() -> None:
         weights = calibrated if name.endswith("_calibrated") else tmp
         ours = load_masker("sam2_hiera_t", weights, **common, precision=args.precision)
         reference = load_masker("sam2_hiera_t", weights, **common, implementation="official")
-        t_fast, fast_masks = _time(lambda m=ours: m.generate(image), args.fast_rounds)
-        t_official, official_masks = _time(lambda m=reference: m.generate(image), args.official_rounds)
+        t_fast, fast_rounds, fast_masks = _time(lambda m=ours: m.generate(image), args.fast_rounds)
+        t_official, official_rounds, official_masks = _time(
+            lambda m=reference: m.generate(image), args.official_rounds
+        )
         stats = agreement(official_masks.masks, fast_masks.masks)
         result["settings"][name] = {
             "masker_settings": settings.__dict__,
@@ -143,6 +146,9 @@ def main() -> None:
             "ratio_official_over_fast": round(t_official / t_fast, 2),
             "official_rounds": args.official_rounds,
             "fast_rounds": args.fast_rounds,
+            # the official generator's time moves by tens of percent between runs on one machine
+            "official_round_s": [round(t, 2) for t in official_rounds],
+            "fast_round_s": [round(t, 2) for t in fast_rounds],
             "fast_stage_counts": ours.fast.last_counts,
             "agreement": stats,
             "agrees": agrees(stats),
