@@ -209,7 +209,7 @@ def exactly_stable(
     for t, blocks in zip(thresholds, undecided, strict=True):
         px = grid.pixels(blocks & ~heavy[:, None, None])
         exact = ((px.values > t) & px.valid).sum(dim=(1, 2))
-        counts.append(grid.count_bounds(t)[0].long().index_add(0, px.kk, exact))
+        counts.append(grid.certain_count(t).long().index_add(0, px.kk, exact))
     keep = counts[0].to(torch.int32) / counts[1].to(torch.int32) >= stability_thresh
     if bool(heavy.any()):
         idx = heavy.nonzero().squeeze(1)
@@ -306,9 +306,13 @@ class _BlockGrid:
         per_row = torch.gt(values, t, out=torch.empty_like(values)) @ self.cols.outputs.float()
         return (per_row.double() @ self.rows.outputs.double()).round()
 
+    def certain_count(self, t: float) -> torch.Tensor:
+        """[K] pixels (float64) certainly above t: those of the blocks with all pixels above t."""
+        return self._area_above(self.lo, t)
+
     def count_bounds(self, t: float) -> tuple[torch.Tensor, torch.Tensor]:
         """[K] lower and upper bounds (float64) of the number of pixels above t."""
-        return self._area_above(self.lo, t), self._area_above(self.hi, t)
+        return self.certain_count(t), self._area_above(self.hi, t)
 
     def pixels(self, blocks: torch.Tensor) -> _Pixels:
         """The upsampled pixels of the chosen blocks, group pair by group pair (a source block has 1 x 1 groups
