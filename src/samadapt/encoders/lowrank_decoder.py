@@ -74,8 +74,8 @@ class _Thin:
             self._z = torch.einsum("bhtd,hde->bhte", self.coef, self.basis).reshape(b, h * t, -1)
         return self._z
 
-    def select(self, idx: Tensor) -> _Thin:
-        return _Thin(self.pt[idx], self.coef[idx], self.basis)
+    def select(self, take: Callable[[Tensor], Tensor]) -> _Thin:
+        return _Thin(take(self.pt), take(self.coef), self.basis, None if self._z is None else take(self._z))
 
 
 @dataclass(frozen=True)
@@ -127,16 +127,25 @@ class _Lin:
         return self._new(self.terms + terms)
 
     def select(self, idx: Tensor) -> _Lin:
-        if len(idx) == self.batch and bool((idx == torch.arange(self.batch, device=idx.device)).all()):
-            return self  # every prompt: keep the computed row factors
+        """The prompts `idx` (views when they are a run of consecutive prompts, with the computed row factors: a
+        chunk of the upscaling then copies nothing)."""
+        n = len(idx)
+        if n and bool((idx == torch.arange(n, device=idx.device) + idx[0]).all()):
+            start = int(idx[0])
+            if n == self.batch:
+                return self  # every prompt
+            take: Callable[[Tensor], Tensor] = lambda x: x[start : start + n]  # noqa: E731
+        else:
+            take = lambda x: x[idx]  # noqa: E731
         terms: list[_Term] = []
         for scale, basis in self.terms:
             if isinstance(basis, _Thin):
-                basis = basis.select(idx)
+                basis = basis.select(take)
             elif isinstance(basis, _Vec) and basis.v.dim() == 2:
-                basis = _Vec(basis.v[idx])
-            terms.append((None if scale is None else scale[idx], basis))
-        return _Lin(terms, memo=self.memo, batch=len(idx), n=self.n)
+                basis = _Vec(take(basis.v))
+            terms.append((None if scale is None else take(scale), basis))
+        factors = None if self._factors is None else take(self._factors)
+        return _Lin(terms, memo=self.memo, batch=n, n=self.n, factors=factors)
 
     # -- linear maps --------------------------------------------------------------------------------------------
 
@@ -394,11 +403,19 @@ class _Lin:
         computed on the factors (cheaper than materialising the keys first when D' >= D); `bias` is [D'] or
         per pixel [N, D']."""
         memo = self.memo
-        left = self._left()
+        const = self._constant()
+        if const is not None and weight is not None:
+            const = const @ weight.T
+        # the constant rows and the shared terms first, in one pass that creates the output; the factors' product
+        # then accumulates into it in place (each separate pass over [B, N, D'] costs as much as a third of it)
+        add = (
+            bias
+            if const is None
+            else const
+            if bias is None
+            else bias + (const[:, None] if const.dim() == 2 else const)
+        )
         out = None
-        if left is not None:
-            right = self._right()
-            out = left.transpose(1, 2) @ (right if weight is None else right @ weight.T)
         for scale, basis in self._shared_terms():
             m = (
                 basis.m
@@ -406,21 +423,28 @@ class _Lin:
                 else memo.get("dense", basis.m, weight, compute=lambda m, w: m @ w.T)
             )
             if out is None:
-                out = (
-                    (m[None] * scale[..., None]) if scale is not None else m[None].expand(self.batch, -1, -1)
-                )
-                out = out.contiguous()
+                if scale is None:
+                    out = m[None].expand(self.batch, -1, -1) if add is None else m + add
+                else:
+                    out = m * scale[..., None] if add is None else torch.addcmul(add, m, scale[..., None])
+                out, add = out.expand(self.batch, -1, -1).contiguous(), None
             elif scale is None:
                 out = out.add_(m)
             else:
                 out = out.addcmul_(m[None], scale[..., None])
-        const = self._constant()
-        if const is not None:
-            const = const if weight is None else const @ weight.T
-        if const is not None:
-            out = out.add_(const[:, None, :] if const.dim() == 2 else const)
-        if bias is not None:
-            out = out.add_(bias)
+        left = self._left()
+        if out is None:
+            width = weight.shape[0] if weight is not None else self._right().shape[-1]
+            out = torch.zeros(self.batch, self.n, width, dtype=left.dtype, device=left.device)
+            if add is not None:
+                out = out.add_(add)
+        if left is not None:
+            right = self._right()
+            right = right if weight is None else right @ weight.T
+            if torch.is_autocast_enabled(out.device.type):  # the product comes in the autocast dtype
+                out = torch.bmm(left.transpose(1, 2), right).add_(out)
+            else:
+                out = out.baddbmm_(left.transpose(1, 2), right)
         return out
 
 
