@@ -2,8 +2,10 @@
 
 Both get the same weights (seeded random weights of the real sam2.1 hiera-t architecture, saved in the official
 ``{"model": ...}`` format and loaded back through `load_masker`) and the same real image (scikit-image's
-astronaut, resized to 1024 on its longest side). Both run in this one process, alternating, so a busy machine
-slows them alike; times are medians over rounds (the official generator is slow: one round by default).
+astronaut, resized to 1024 on its longest side). Both run in this one process, their rounds interleaved (fast,
+official, fast, ...), so a busy machine slows them alike; times are medians over rounds, and each official round
+is also paired with the fast rounds on either side of it (`paired_ratios`): the official generator's time moves by
+tens of percent between runs on one machine (it streams ~13 GB of upsampled masks per image).
 
 Settings:
 - "official": the official defaults (32 x 32 points, pred_iou_thresh 0.8, stability_score_thresh 0.95). With
@@ -69,14 +71,36 @@ def _image(side: int) -> np.ndarray:
     return np.asarray(image.resize((round(image.width * scale), round(image.height * scale)), Image.BILINEAR))
 
 
-def _time(fn: Any, rounds: int) -> tuple[float, list[float], Any]:
-    """(median seconds, every round's seconds, the last output)."""
-    times, out = [], None
-    for _ in range(rounds):
+def _interleaved(fast: Any, official: Any, *, fast_rounds: int, official_rounds: int) -> dict[str, Any]:
+    """Fast and official rounds alternating (fast, official, fast, ...), so both see the same state of the
+    machine; the official generator's time moves by tens of percent between runs. Each official round is paired
+    with the fast rounds on either side of it."""
+    times: dict[str, list[float]] = {"fast": [], "official": []}
+    outputs: dict[str, Any] = {}
+    order = []
+    for i in range(max(fast_rounds, official_rounds + 1)):
+        if i < fast_rounds:
+            order.append("fast")
+        if i < official_rounds:
+            order.append("official")
+    for name in order:
         start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), times, out
+        outputs[name] = (fast if name == "fast" else official)()
+        times[name].append(time.perf_counter() - start)
+    pairs = []
+    for i, t in enumerate(times["official"]):
+        around = times["fast"][i : i + 2]
+        if around:
+            pairs.append(t / statistics.mean(around))
+    return {
+        "fast_s": statistics.median(times["fast"]),
+        "official_s": statistics.median(times["official"]),
+        "fast_round_s": times["fast"],
+        "official_round_s": times["official"],
+        "paired_ratios": pairs,
+        "fast_output": outputs["fast"],
+        "official_output": outputs["official"],
+    }
 
 
 def main() -> None:
@@ -131,11 +155,14 @@ def main() -> None:
         weights = calibrated if name.endswith("_calibrated") else tmp
         ours = load_masker("sam2_hiera_t", weights, **common, precision=args.precision)
         reference = load_masker("sam2_hiera_t", weights, **common, implementation="official")
-        t_fast, fast_rounds, fast_masks = _time(lambda m=ours: m.generate(image), args.fast_rounds)
-        t_official, official_rounds, official_masks = _time(
-            lambda m=reference: m.generate(image), args.official_rounds
+        timed = _interleaved(
+            lambda m=ours: m.generate(image),
+            lambda m=reference: m.generate(image),
+            fast_rounds=args.fast_rounds,
+            official_rounds=args.official_rounds,
         )
-        stats = agreement(official_masks.masks, fast_masks.masks)
+        t_fast, t_official = timed["fast_s"], timed["official_s"]
+        stats = agreement(timed["official_output"].masks, timed["fast_output"].masks)
         result["settings"][name] = {
             "masker_settings": settings.__dict__,
             "weights": "calibrated (samadapt.encoders.masks.confident_decoder)"
@@ -147,8 +174,11 @@ def main() -> None:
             "official_rounds": args.official_rounds,
             "fast_rounds": args.fast_rounds,
             # the official generator's time moves by tens of percent between runs on one machine
-            "official_round_s": [round(t, 2) for t in official_rounds],
-            "fast_round_s": [round(t, 2) for t in fast_rounds],
+            "official_round_s": [round(t, 2) for t in timed["official_round_s"]],
+            "fast_round_s": [round(t, 2) for t in timed["fast_round_s"]],
+            "round_order": "fast, official, fast, ... (interleaved)",
+            "paired_ratios": [round(r, 2) for r in timed["paired_ratios"]],
+            "median_paired_ratio": round(statistics.median(timed["paired_ratios"]), 2),
             "fast_stage_counts": ours.fast.last_counts,
             "agreement": stats,
             "agrees": agrees(stats),
