@@ -406,15 +406,11 @@ class _Lin:
         const = self._constant()
         if const is not None and weight is not None:
             const = const @ weight.T
+        if const is not None and const.dim() == 2:  # per prompt [B, D']: a row for all of its pixels
+            const = const[:, None, :]
         # the constant rows and the shared terms first, in one pass that creates the output; the factors' product
         # then accumulates into it in place (each separate pass over [B, N, D'] costs as much as a third of it)
-        add = (
-            bias
-            if const is None
-            else const
-            if bias is None
-            else bias + (const[:, None] if const.dim() == 2 else const)
-        )
+        add = bias if const is None else const if bias is None else bias + const
         out = None
         for scale, basis in self._shared_terms():
             m = (
@@ -433,9 +429,10 @@ class _Lin:
             else:
                 out = out.addcmul_(m[None], scale[..., None])
         left = self._left()
-        if out is None:
-            width = weight.shape[0] if weight is not None else self._right().shape[-1]
-            out = torch.zeros(self.batch, self.n, width, dtype=left.dtype, device=left.device)
+        if out is None:  # no shared term: the constants, or zeros, then the factors' product
+            right = self._right()
+            width = weight.shape[0] if weight is not None else right.shape[-1]
+            out = right.new_zeros(self.batch, self.n, width)
             if add is not None:
                 out = out.add_(add)
         if left is not None:
