@@ -310,3 +310,33 @@ def test_stable_nms_settles_only_what_nms_keeps_and_equals_filter_then_nms(bar, 
     assert settled == sum(asked) < int((status == us.UNDECIDED).sum())
     if bar == 0.95:
         assert failed > 0 and len(asked) > 1  # kept candidates found unstable: NMS reran without them
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "odd offset", "strided"])
+def test_subpixel_to_image_order_is_the_documented_permutation(dtype: torch.dtype, layout: str) -> None:
+    from samadapt.encoders.fast_masks import _spatial
+
+    k, side = 3, 32
+    flat = torch.randn(k + 1, side * side).to(dtype)
+    logits = (
+        flat[1:].view(k, side, side)
+        if layout != "odd offset"
+        else flat.view(-1)[1 : 1 + k * side * side].view(k, side, side)
+    )
+    if layout == "strided":
+        logits = torch.randn(k, side, 2 * side).to(dtype)[:, :, ::2]
+    out = _spatial(logits)
+    # flat sub-pixel index (y, x, i, j, k, l) holds pixel (4y + 2i + k, 4x + 2j + l)
+    src = logits.reshape(k, -1)
+    q = side // 4
+    for y, x, i, j, kk, ll in [
+        (0, 0, 0, 0, 0, 0),
+        (1, 2, 1, 0, 1, 1),
+        (q - 1, q - 1, 1, 1, 1, 1),
+        (2, 0, 0, 1, 1, 0),
+    ]:
+        flat_index = ((((y * q + x) * 2 + i) * 2 + j) * 2 + kk) * 2 + ll
+        assert torch.equal(out[:, 4 * y + 2 * i + kk, 4 * x + 2 * j + ll], src[:, flat_index])
+    reference = logits.reshape(k, q, q, 2, 2, 2, 2).permute(0, 1, 3, 5, 2, 4, 6).reshape(k, side, side)
+    assert torch.equal(out, reference)

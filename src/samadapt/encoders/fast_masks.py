@@ -542,8 +542,18 @@ def _spatial(logits: torch.Tensor) -> torch.Tensor:
     """[K, 4h, 4w] logits in sub-pixel order (flat (y, x, i, j, k, l), pixel (4y + 2i + k, 4x + 2j + l)) -> the
     image order."""
     k, height, width = logits.shape
+    pair = _PAIRS.get(logits.element_size())
+    if pair is not None and logits.is_contiguous() and logits.storage_offset() % 2 == 0:
+        # each (l) pair moved as one element twice the size: the same bytes, ~10x faster than torch's copy of a
+        # permutation whose innermost run is 2 elements long (2-core AMX Xeon: 0.03 against 0.3 ms per mask)
+        x = logits.view(pair).view(k, height // 4, width // 4, 2, 2, 2)  # (y, x, i, j, k)
+        return x.permute(0, 1, 3, 5, 2, 4).contiguous().view(logits.dtype).view(k, height, width)
     x = logits.reshape(k, height // 4, width // 4, 2, 2, 2, 2)
     return x.permute(0, 1, 3, 5, 2, 4, 6).reshape(k, height, width)
+
+
+# an integer dtype of twice the element size, for `_spatial`
+_PAIRS = {1: torch.int16, 2: torch.int32, 4: torch.int64}
 
 
 def _device(model: torch.nn.Module) -> torch.device:
