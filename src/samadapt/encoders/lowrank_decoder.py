@@ -429,20 +429,16 @@ class _Lin:
             else:
                 out = out.addcmul_(m[None], scale[..., None])
         left = self._left()
+        if left is None:  # the keys always hold a shared term or a row term
+            return out
+        right = self._right() if weight is None else self._right() @ weight.T
         if out is None:  # no shared term: the constants, or zeros, then the factors' product
-            right = self._right()
-            width = weight.shape[0] if weight is not None else right.shape[-1]
-            out = right.new_zeros(self.batch, self.n, width)
+            out = right.new_zeros(self.batch, self.n, right.shape[-1])
             if add is not None:
                 out = out.add_(add)
-        if left is not None:
-            right = self._right()
-            right = right if weight is None else right @ weight.T
-            if torch.is_autocast_enabled(out.device.type):  # the product comes in the autocast dtype
-                out = torch.bmm(left.transpose(1, 2), right).add_(out)
-            else:
-                out = out.baddbmm_(left.transpose(1, 2), right)
-        return out
+        if torch.is_autocast_enabled(out.device.type):  # the product comes in the autocast dtype
+            return torch.bmm(left.transpose(1, 2), right).add_(out)
+        return out.baddbmm_(left.transpose(1, 2), right)
 
 
 def _tensor(basis: _Basis) -> Tensor:
