@@ -398,10 +398,17 @@ class _Lin:
         m = terms[0][1].m
         return m if const is None else m + const
 
-    def materialize(self, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+    def materialize(
+        self,
+        weight: Tensor | None = None,
+        bias: Tensor | None = None,
+        *,
+        product_dtype: torch.dtype | None = None,
+    ) -> Tensor:
         """The keys themselves [B, N, D], or their image `X @ weight.T + bias` [B, N, D'] under an affine map,
         computed on the factors (cheaper than materialising the keys first when D' >= D); `bias` is [D'] or
-        per pixel [N, D']."""
+        per pixel [N, D']. `product_dtype` (bf16): the per-prompt factors' product in that dtype, added to the
+        fp32 shared part (the shared image tokens keep full precision; only the prompt's update is rounded)."""
         memo = self.memo
         const = self._constant()
         if const is not None and weight is not None:
@@ -436,6 +443,8 @@ class _Lin:
             out = right.new_zeros(self.batch, self.n, right.shape[-1])
             if add is not None:
                 out = out.add_(add)
+        if product_dtype is not None:
+            return out.add_(torch.bmm(left.transpose(1, 2).to(product_dtype), right.to(product_dtype)))
         if torch.is_autocast_enabled(out.device.type):  # the product comes in the autocast dtype
             return torch.bmm(left.transpose(1, 2), right).add_(out)
         return out.baddbmm_(left.transpose(1, 2), right)
@@ -542,10 +551,17 @@ class ThinDecoder:
         return self._final(state.queries[:, tokens], state.query_pe[:, tokens], state.keys)
 
     def image_tokens(
-        self, state: ThinState, idx: Tensor, weight: Tensor | None = None, bias: Tensor | None = None
+        self,
+        state: ThinState,
+        idx: Tensor,
+        weight: Tensor | None = None,
+        bias: Tensor | None = None,
+        *,
+        product_dtype: torch.dtype | None = None,
     ) -> Tensor:
-        """The image tokens [b, N, C] of the prompts `idx` (or `tokens @ weight.T + bias`, see `outputs`)."""
-        return state.keys.select(idx).materialize(weight, bias)
+        """The image tokens [b, N, C] of the prompts `idx` (or `tokens @ weight.T + bias`, see `outputs`;
+        `product_dtype`: see `_Lin.materialize`)."""
+        return state.keys.select(idx).materialize(weight, bias, product_dtype=product_dtype)
 
     def outputs(
         self,
