@@ -77,10 +77,11 @@ def decode_workers(device: torch.device, chunks: int) -> int:
 
 
 def native_bf16(device: torch.device | str = "cpu") -> bool:
-    """Whether the decoder runs faster in bf16 on `device`: CUDA with bf16 only. On the CPU the decoder is many
-    mid-sized ops whose autocast casts cost more than the bf16 products save, even with AMX (2-core Xeon with
-    AMX, calibrated weights at the official settings: decoding 19.6 s in bf16 vs 17.6 s in fp32, the upscaling
-    stage alone 16.4 vs 16.9 ms per prompt; AVX512-BF16 without AMX: 21.3 s vs 13.1 s in all)."""
+    """Whether "auto" picks bf16 masks on `device`: CUDA with bf16 only. On the CPU bf16 (the encoder under
+    autocast, one per-prompt product rounded, see `FastMaskGenerator._product_dtype`) gains little (2-core Zen 4,
+    calibrated weights, official settings: ~14.9 vs ~16.4 s per 1024 image) and is not bit-exact (a borderline
+    mask can drop out), so the CPU default stays fp32, the official masks. Autocast over the whole decoder was
+    slower than fp32 there (AMX Xeon: decoding 19.6 vs 17.6 s; AVX512-BF16 without AMX: 21.3 vs 13.1 s)."""
     device = torch.device(device)
     if device.type == "cuda":
         return bool(torch.cuda.is_bf16_supported())
@@ -208,7 +209,8 @@ class FastMaskGenerator:
 
     def _encoder_autocast(self) -> Any:
         """The image encoder under bf16 autocast in bf16 precision (a plain conv/matmul stack: 1.8x faster on
-        a 2-core AVX-512 BF16 EPYC, max error 1.4 % of the features' range, `benchmarks/hiera_speed.py`)."""
+        a 2-core AVX-512 BF16 EPYC, max error 1.4 % of the features' range,
+        `benchmarks/results/hiera_speed_epyc_zen4.json`)."""
         if self.precision == "bf16":
             return torch.autocast(_device(self.model).type, dtype=torch.bfloat16)
         return nullcontext()
